@@ -5,12 +5,17 @@ import os
 import sys
 from pathlib import Path
 
+import types
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# The remote-code modules live flat at the repo top; tests import them as a package-less path.
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# The remote-code modules live flat at the repo top and import each other relatively, as transformers loads them.
+# Tests import them through a package named `chatglm` whose path is the repo top: `from chatglm.modeling_chatglm ...`.
+if "chatglm" not in sys.modules:
+    _package = types.ModuleType("chatglm")
+    _package.__path__ = [str(REPO)]
+    sys.modules["chatglm"] = _package
 
 SHARED = Path(os.environ.get("CHATGLM_SHARED", REPO.parent / "shared"))
 GOLDEN = SHARED / "golden"
