@@ -1,0 +1,702 @@
+"""ChatGLM2 / ChatGLM3 network and heads (batch-first), loading the official checkpoints unchanged.
+
+Layouts: hidden states `[batch, seq, hidden]`; attention `[batch, heads, seq, head_dim]`; cached keys/values
+`[batch, kv_heads, seq, head_dim]` (transformers' cache layout). Module and parameter names are the official ones.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.utils import logging
+
+from .compat_chatglm import (
+    GenerationMixin,
+    GradientCheckpointingMixin,
+    as_cache,
+    attn_implementation,
+    cache_is_static,
+    cache_length,
+    is_compiling,
+    reorder_cache,
+    sdpa,
+    set_attn_implementation,
+)
+from .configuration_chatglm import ChatGLMConfig
+
+logger = logging.get_logger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, returned in the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        h = hidden_states.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * h).to(hidden_states.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of the rotary angles for given positions.
+
+    Only the first half of each head (`rot_dim = kv_channels // 2`) rotates, as interleaved pairs. The angles are
+    built in float32 exactly as the reference does (theta = 1 / base^(2i/rot_dim); angle = position * theta):
+    at positions near seq_length the rounding of this product decides the last digits of the logits.
+    """
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.rot_dim = config.kv_channels // 2
+        self.base = config.rope_base
+        self.position_scale = config.rope_position_scale
+
+    def forward(self, position_ids: torch.LongTensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [b, s] → (cos, sin), each [b, 1, s, rot_dim // 2] in `dtype`."""
+        exponents = torch.arange(0, self.rot_dim, 2, dtype=torch.float32, device=position_ids.device) / self.rot_dim
+        theta = 1.0 / (self.base ** exponents)
+        positions = position_ids.float()
+        if self.position_scale != 1.0:
+            positions = positions / self.position_scale
+        angles = (positions[..., None] * theta)[:, None]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of the first 2·cos.shape[-1] dims of x [b, h, s, d]."""
+    rot_dim = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    pairs = x_rot.unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+class AttentionMask:
+    """What each query may attend to, built once per forward and per key length.
+
+    Holds either an explicit 4D mask from the caller, or a key padding mask [b, kv] (None: no padding) plus the
+    cache offset of the first query. `for_keys` gives the SDPA arguments for a key length, preferring
+    `is_causal`/no mask over a dense mask. A padded query still attends to itself, so no row is empty (an empty row
+    would make NaNs that leak into real rows through later layers).
+    """
+
+    def __init__(self, query_len: int, past_len: Optional[int], key_padding: Optional[torch.Tensor] = None,
+                 explicit: Optional[torch.Tensor] = None):
+        self.query_len = query_len
+        self.past_len = past_len
+        self.key_padding = key_padding
+        self.explicit = explicit
+        self._built: dict[tuple[int, torch.device], tuple[Optional[torch.Tensor], bool]] = {}
+
+    def for_keys(self, kv_len: int, device: torch.device) -> tuple[Optional[torch.Tensor], bool]:
+        """→ (bool mask [b|1, 1, q, kv] or None, is_causal)."""
+        if self.explicit is not None:
+            return self.explicit.to(device), False
+        key = (kv_len, device)
+        if key not in self._built:
+            self._built[key] = self._build(kv_len, device)
+        return self._built[key]
+
+    def _build(self, kv_len: int, device: torch.device) -> tuple[Optional[torch.Tensor], bool]:
+        q = self.query_len
+        if self.key_padding is None:
+            if kv_len == q:
+                return None, q > 1
+            if q == 1 and kv_len == self.past_len + 1:
+                return None, False
+        query_pos = self.past_len + torch.arange(q, device=device)
+        key_pos = torch.arange(kv_len, device=device)
+        allowed = key_pos[None, :] <= query_pos[:, None]
+        if self.key_padding is None:
+            return allowed[None, None], False
+        padding = self.key_padding.to(device=device, dtype=torch.bool)
+        if padding.shape[-1] < kv_len:  # preallocated cache: slots past the mask are future, causality hides them
+            padding = F.pad(padding, (0, kv_len - padding.shape[-1]), value=True)
+        allowed = (allowed[None] & padding[:, None, :]) | (key_pos[None, :] == query_pos[:, None])[None]
+        return allowed[:, None], False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Attention backends: one signature, [b, heads, q, d] x [b, kv_heads, k, d] → [b, heads, q, d]
+# ---------------------------------------------------------------------------------------------------------------
+def eager_attention(query, key, value, mask, is_causal, dropout_p):
+    group = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(group, dim=1)
+    value = value.repeat_interleave(group, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() / math.sqrt(query.shape[-1])
+    if is_causal:
+        q_len, k_len = scores.shape[-2:]
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
+    probs = F.dropout(scores.softmax(dim=-1), p=dropout_p).to(value.dtype)
+    return torch.matmul(probs, value)
+
+
+def sdpa_attention(query, key, value, mask, is_causal, dropout_p):
+    if query.shape[2] == 1 and key.shape[1] < query.shape[1]:
+        # One query token: fold the query heads of each key/value group into the query length, so every key/value
+        # head is read once and never copied.
+        b, heads, _, d = query.shape
+        folded = query.reshape(b, key.shape[1], heads // key.shape[1], d)
+        out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, dropout_p=dropout_p)
+        return out.reshape(b, heads, 1, d)
+    return sdpa(query, key, value, mask, is_causal, dropout_p)
+
+
+def flash_attention_2(query, key, value, mask, is_causal, dropout_p):
+    if mask is not None:  # padding or a preallocated cache: flash-attn needs unpadded varlen inputs; SDPA handles it
+        return sdpa_attention(query, key, value, mask, is_causal, dropout_p)
+    import importlib
+
+    flash_attn_func = importlib.import_module("flash_attn").flash_attn_func
+    out = flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), dropout_p=dropout_p,
+                          causal=is_causal)
+    return out.transpose(1, 2)
+
+
+ATTENTION_BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash_attention_2": flash_attention_2}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------------------
+class SelfAttention(nn.Module):
+    """Multi-query attention: fused query_key_value → [q | k | v], rotary on q and k, cache, dense."""
+
+    def __init__(self, config: ChatGLMConfig, layer_idx: int, device=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.kv_channels
+        self.qkv_sizes = [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                          self.num_kv_heads * self.head_dim]
+        self.query_key_value = nn.Linear(config.hidden_size, sum(self.qkv_sizes),
+                                         bias=config.add_bias_linear or config.add_qkv_bias, device=device)
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear,
+                               device=device)
+        self.attention_dropout = config.attention_dropout
+        self.config = config
+
+    def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
+                past_key_values: Optional[Any] = None) -> torch.Tensor:
+        """hidden_states [b, s, hidden] → [b, s, hidden]; appends this layer's keys/values to the cache."""
+        b, s, _ = hidden_states.shape
+        query, key, value = self.query_key_value(hidden_states).split(self.qkv_sizes, dim=-1)
+        query = query.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        key = key.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        value = value.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rotary
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        attn_mask, is_causal = mask.for_keys(key.shape[-2], key.device)
+        attend = ATTENTION_BACKENDS[attn_implementation(self.config)]
+        dropout_p = self.attention_dropout if self.training else 0.0
+        context = attend(query, key, value, attn_mask, is_causal, dropout_p)
+        return self.dense(context.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    """dense_h_to_4h → SwiGLU (silu(a) * b) → dense_4h_to_h."""
+
+    def __init__(self, config: ChatGLMConfig, device=None):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear,
+                                       device=device)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear,
+                                       device=device)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ChatGLMConfig, layer_idx: int, device=None):
+        super().__init__()
+        self.layer_number = layer_idx + 1
+        self.input_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, device=device)
+        self.self_attention = SelfAttention(config, layer_idx, device=device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, device=device)
+        self.mlp = MLP(config, device=device)
+        self.hidden_dropout = config.hidden_dropout
+
+    def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
+                past_key_values: Optional[Any] = None) -> torch.Tensor:
+        attention = self.self_attention(self.input_layernorm(hidden_states), rotary, mask, past_key_values)
+        hidden_states = hidden_states + F.dropout(attention, p=self.hidden_dropout, training=self.training)
+        mlp = self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + F.dropout(mlp, p=self.hidden_dropout, training=self.training)
+
+
+class GLMTransformer(nn.Module):
+    """The stack of GLMBlocks and the final norm."""
+
+    def __init__(self, config: ChatGLMConfig, device=None):
+        super().__init__()
+        self.num_layers = config.num_layers
+        self.layers = nn.ModuleList([GLMBlock(config, i, device=device) for i in range(config.num_layers)])
+        self.post_layer_norm = config.post_layer_norm
+        if self.post_layer_norm:
+            self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, device=device)
+        self.gradient_checkpointing = False
+
+    def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
+                past_key_values: Optional[Any] = None, output_hidden_states: bool = False,
+                ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+        """→ (normed last hidden [b, s, hidden], per-layer inputs + last layer output before the final norm)."""
+        all_hidden = () if output_hidden_states else None
+        checkpointing = self.gradient_checkpointing and self.training
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            if checkpointing:
+                checkpoint = getattr(self, "_gradient_checkpointing_func", None) or partial(
+                    torch.utils.checkpoint.checkpoint, use_reentrant=False)
+                hidden_states = checkpoint(layer.__call__, hidden_states, rotary, mask, None)
+            else:
+                hidden_states = layer(hidden_states, rotary, mask, past_key_values)
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+        if self.post_layer_norm:
+            hidden_states = self.final_layernorm(hidden_states)
+        return hidden_states, all_hidden
+
+
+class Embedding(nn.Module):
+    """Token embedding (module kept for the official key name `embedding.word_embeddings`)."""
+
+    def __init__(self, config: ChatGLMConfig, device=None):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size, device=device)
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids)
+
+
+class PrefixEncoder(nn.Module):
+    """P-tuning v2 prefix: pre_seq_len learned key/value vectors for every layer, optionally through an MLP.
+
+    prefix [b, pre_seq_len] → [b, pre_seq_len, num_layers * 2 * kv_heads * kv_channels].
+    """
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.prefix_projection = config.prefix_projection
+        kv_size = config.num_layers * 2 * config.num_key_value_heads * config.kv_channels
+        self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
+        if self.prefix_projection:
+            self.trans = nn.Sequential(nn.Linear(kv_size, config.hidden_size), nn.Tanh(),
+                                       nn.Linear(config.hidden_size, kv_size))
+
+    def forward(self, prefix: torch.LongTensor) -> torch.Tensor:
+        embedded = self.embedding(prefix)
+        return self.trans(embedded) if self.prefix_projection else embedded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+class ChatGLMPreTrainedModel(GradientCheckpointingMixin, PreTrainedModel):
+    config_class = ChatGLMConfig
+    base_model_prefix = "transformer"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GLMBlock"]
+    _skip_keys_device_placement = ["past_key_values", "past_key_value"]
+    # The checkpoints carry the rotary frequencies; they are derived from the config instead (in float32).
+    _keys_to_ignore_on_load_unexpected = [r"rotary_pos_emb\.inv_freq"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_cache_class = True
+    _supports_static_cache = True
+    _supports_quantized_cache = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(0.0, std)
+        elif isinstance(module, RMSNorm):
+            module.weight.data.fill_(1.0)
+
+    @staticmethod
+    def _accept_init_kwargs(config: ChatGLMConfig, kwargs: dict) -> None:
+        """Official-API init kwargs: `empty_init` is accepted (transformers already skips needless init);
+        `attn_implementation` arrives here on transformers versions that do not handle it themselves."""
+        kwargs.pop("empty_init", None)
+        if kwargs.get("attn_implementation") is not None:
+            set_attn_implementation(config, kwargs.pop("attn_implementation"))
+        if kwargs:
+            logger.warning(f"Ignoring unknown init arguments {sorted(kwargs)}")
+
+
+class ChatGLMModel(ChatGLMPreTrainedModel):
+    """Embedding → GLMTransformer; also owns `output_layer` (the official module path)."""
+
+    def __init__(self, config: ChatGLMConfig, device=None, **kwargs):
+        super().__init__(config)
+        self._accept_init_kwargs(config, kwargs)
+        self.embedding = Embedding(config, device=device)
+        self.num_layers = config.num_layers
+        self.kv_heads = config.num_key_value_heads
+        self.kv_channels = config.kv_channels
+        self.seq_length = config.seq_length
+        self.rotary_pos_emb = RotaryEmbedding(config)
+        self.encoder = GLMTransformer(config, device=device)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device)
+        self.pre_seq_len = config.pre_seq_len
+        if self.pre_seq_len:
+            self.prefix_encoder = PrefixEncoder(config)
+            self.dropout = nn.Dropout(0.1)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embedding.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embedding.word_embeddings = value
+
+    def get_prompt(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """P-tuning prefix as keys/values: [num_layers * 2, b, kv_heads, pre_seq_len, kv_channels]."""
+        prefix = torch.arange(self.pre_seq_len, device=device).unsqueeze(0).expand(batch_size, -1)
+        past = self.prefix_encoder(prefix).to(dtype)
+        past = past.view(batch_size, self.pre_seq_len, self.num_layers * 2, self.kv_heads, self.kv_channels)
+        return self.dropout(past).permute(2, 0, 3, 1, 4)
+
+    def _check_input_ids(self, input_ids: torch.LongTensor) -> None:
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.padded_vocab_size):
+            raise ValueError(
+                f"input_ids must lie in [0, {self.config.padded_vocab_size}) (the model's padded_vocab_size); got "
+                f"values in [{int(input_ids.min())}, {int(input_ids.max())}]. Check that the tokenizer matches the model."
+            )
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        full_attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Any] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Union[BaseModelOutputWithPast, tuple]:
+        """input_ids [b, s] (or inputs_embeds [b, s, hidden]); attention_mask [b, past + s] of 1/0 (left or right
+        padding) or a 4D mask [b, 1, s, kv]; position_ids [b, s] (default: from the mask, else past + 0..s-1).
+        → last_hidden_state [b, s, hidden] after the final norm, past_key_values (a cache object)."""
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_attentions:
+            logger.warning_once("output_attentions is not supported by ChatGLM; attentions are returned as None")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        compiling = is_compiling()
+        if input_ids is not None and not compiling:
+            self._check_input_ids(input_ids)
+        if inputs_embeds is None:
+            inputs_embeds = self.embedding(input_ids)
+        batch_size, query_len = inputs_embeds.shape[:2]
+        if self.encoder.gradient_checkpointing and self.training and use_cache:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
+            use_cache = False
+
+        cache = as_cache(past_key_values) if (use_cache or past_key_values is not None or self.pre_seq_len) else None
+        prefix_len = self.pre_seq_len or 0
+        if prefix_len and cache_length(cache) == 0:
+            prompt = self.get_prompt(batch_size, inputs_embeds.device, inputs_embeds.dtype)
+            for layer_idx in range(self.num_layers):
+                cache.update(prompt[2 * layer_idx], prompt[2 * layer_idx + 1], layer_idx)
+        past_len = None if compiling else cache_length(cache)
+
+        if past_len is not None:
+            total = past_len - prefix_len + query_len
+            if total > self.seq_length:
+                raise ValueError(
+                    f"Input of {total} tokens ({past_len - prefix_len} cached + {query_len} new) is longer than this "
+                    f"model's seq_length {self.seq_length}. Shorten the input (or the max_length / max_new_tokens "
+                    f"of generation)."
+                )
+        mask, position_ids = self._attention_inputs(attention_mask, position_ids, batch_size, query_len, past_len,
+                                                    prefix_len, inputs_embeds.device, compiling)
+        rotary = self.rotary_pos_emb(position_ids, inputs_embeds.dtype)
+        hidden_states, all_hidden = self.encoder(inputs_embeds, rotary, mask, cache, output_hidden_states)
+        presents = cache if use_cache else None
+        if not return_dict:
+            return tuple(v for v in (hidden_states, presents, all_hidden) if v is not None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=presents,
+                                       hidden_states=all_hidden, attentions=None)
+
+    def _attention_inputs(self, attention_mask, position_ids, batch_size, query_len, past_len, prefix_len, device,
+                          compiling) -> tuple[AttentionMask, torch.LongTensor]:
+        """Validate the caller's mask/positions and derive what is missing."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = AttentionMask(query_len, past_len, explicit=attention_mask)
+            if position_ids is None:
+                if past_len is None:
+                    raise ValueError("position_ids are required when the forward pass is compiled")
+                position_ids = torch.arange(past_len - prefix_len, past_len - prefix_len + query_len, device=device)
+                position_ids = position_ids.unsqueeze(0).expand(batch_size, -1)
+            return mask, position_ids
+        key_padding = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(f"attention_mask must be [batch, length] or [batch, 1, query, key]; got "
+                                 f"shape {tuple(attention_mask.shape)}")
+            if past_len is not None and attention_mask.shape[1] != past_len - prefix_len + query_len:
+                raise ValueError(
+                    f"attention_mask has {attention_mask.shape[1]} columns but the cache holds {past_len - prefix_len} "
+                    f"tokens and {query_len} are new: it must cover cached + new tokens ({past_len - prefix_len + query_len})."
+                )
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -query_len:]
+            if compiling or not bool(attention_mask.all()):
+                key_padding = attention_mask
+                if prefix_len:
+                    key_padding = F.pad(key_padding, (prefix_len, 0), value=1)
+        if position_ids is None:
+            if past_len is None:
+                raise ValueError("position_ids are required when the forward pass is compiled")
+            position_ids = torch.arange(past_len - prefix_len, past_len - prefix_len + query_len, device=device)
+            position_ids = position_ids.unsqueeze(0).expand(batch_size, -1)
+        if position_ids.shape[-1] != query_len:
+            raise ValueError(f"position_ids has {position_ids.shape[-1]} positions for {query_len} input tokens")
+        return AttentionMask(query_len, past_len, key_padding=key_padding), position_ids
+
+
+class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+    """ChatGLMModel plus the language-model head (`transformer.output_layer`), loss, generation hooks."""
+
+    def __init__(self, config: ChatGLMConfig, empty_init: bool = True, device=None, **kwargs):
+        super().__init__(config)
+        self._accept_init_kwargs(config, kwargs)
+        self.max_sequence_length = config.seq_length
+        self.transformer = ChatGLMModel(config, device=device)
+        if config.pre_seq_len:
+            self._freeze_for_prefix_tuning()
+        if config.quantization_bit:
+            self.quantize(config.quantization_bit, empty_init=True)
+        self.post_init()
+
+    def _freeze_for_prefix_tuning(self) -> None:
+        """P-tuning v2 trains only the prefix encoder."""
+        for name, param in self.named_parameters():
+            if not name.startswith("transformer.prefix_encoder."):
+                param.requires_grad_(False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.embedding.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.embedding.word_embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.transformer.output_layer
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.transformer.output_layer = value
+
+    def quantize(self, bits: int, empty_init: bool = False, device=None, backend: Optional[str] = None,
+                 **kwargs: Any) -> "ChatGLMForConditionalGeneration":
+        """Weight-only int8/int4 quantization of the encoder linears, in place (see quantization.py)."""
+        from .quantization import quantize
+
+        return quantize(self, bits, empty_init=empty_init, device=device, backend=backend)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Any] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        return_last_logit: bool = False,
+        **kwargs: Any,
+    ) -> Union[CausalLMOutputWithPast, tuple]:
+        """→ logits [b, s, vocab] (or [b, 1, vocab] with return_last_logit), loss when labels [b, s] are given
+        (shifted cross-entropy in float32, -100 ignored)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                   output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                                   return_dict=True)
+        hidden_states = outputs.last_hidden_state
+        if return_last_logit:
+            hidden_states = hidden_states[:, -1:]
+        logits = self.transformer.output_layer(hidden_states)
+        loss = None
+        if labels is not None:
+            shift_logits = logits[:, :-1].float()
+            shift_labels = labels[:, 1:].to(logits.device)
+            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                   ignore_index=-100)
+        if not return_dict:
+            rest = tuple(v for v in (outputs.past_key_values, outputs.hidden_states) if v is not None)
+            return ((loss,) if loss is not None else ()) + (logits,) + rest
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=None)
+
+    # ----- generation hooks (transformers' generate() owns the loop) -----
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Optional[Any] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> dict:
+        """Slice the not-yet-cached tail of the sequence and give it positions and a mask."""
+        total_len = input_ids.shape[1]
+        prefix_len = self.config.pre_seq_len or 0
+        cached = cache_length(past_key_values) if past_key_values is not None else 0
+        past_tokens = max(cached - prefix_len, 0) if cached else 0
+        if past_tokens == 0 and attention_mask is not None and attention_mask.dim() == 2 \
+                and not bool(attention_mask[:, -1].all()):
+            raise ValueError(
+                "Right padding detected: generation appends after the last column, so every row must end with a "
+                "real token. Use a tokenizer with padding_side='left' (the ChatGLM tokenizer's default)."
+            )
+        position_ids = self._positions_for(input_ids, attention_mask, position_ids)
+        model_inputs: dict[str, Any] = {}
+        if inputs_embeds is not None and past_tokens == 0:
+            model_inputs["inputs_embeds"] = inputs_embeds
+        else:
+            model_inputs["input_ids"] = input_ids[:, past_tokens:]
+        query_len = total_len - past_tokens
+        model_inputs["position_ids"] = position_ids[:, -query_len:]
+        if cache_is_static(past_key_values) and (attention_mask is None or attention_mask.dim() == 2):
+            # Fixed-shape mask over the whole preallocated cache keeps compiled decoding free of recompiles.
+            key_padding = attention_mask if attention_mask is not None else input_ids.new_ones(input_ids.shape)
+            key_padding = F.pad(key_padding, (prefix_len, 0), value=1) if prefix_len else key_padding
+            max_len = past_key_values.get_max_cache_shape() if hasattr(past_key_values, "get_max_cache_shape") \
+                else past_key_values.get_max_length()
+            attention_mask, _ = AttentionMask(query_len, cached, key_padding=key_padding).for_keys(
+                int(max_len), input_ids.device)
+        model_inputs.update(past_key_values=past_key_values, attention_mask=attention_mask,
+                            use_cache=use_cache if use_cache is not None else True,
+                            return_last_logit=past_tokens == 0)
+        return model_inputs
+
+    @staticmethod
+    def _positions_for(input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor],
+                       position_ids: Optional[torch.LongTensor]) -> torch.LongTensor:
+        """Positions of the whole sequence [b, total]: the caller's, continued by +1 per generated token; else from
+        the attention mask (0 on pads, 0..n-1 on tokens); else 0..total-1."""
+        total_len = input_ids.shape[1]
+        if position_ids is not None:
+            missing = total_len - position_ids.shape[-1]
+            if missing > 0:
+                steps = torch.arange(1, missing + 1, device=position_ids.device, dtype=position_ids.dtype)
+                position_ids = torch.cat([position_ids, position_ids[:, -1:] + steps], dim=-1)
+            return position_ids
+        if attention_mask is not None and attention_mask.dim() == 2:
+            return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return torch.arange(total_len, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], -1)
+
+    @staticmethod
+    def _reorder_cache(past_key_values: Any, beam_idx: torch.LongTensor) -> Any:
+        return reorder_cache(past_key_values, beam_idx)
+
+
+class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
+    """Classifier on the final hidden state of the last position (real with left padding)."""
+
+    def __init__(self, config: ChatGLMConfig, empty_init: bool = True, device=None, **kwargs):
+        super().__init__(config)
+        self._accept_init_kwargs(config, kwargs)
+        self.num_labels = config.num_labels
+        self.transformer = ChatGLMModel(config, device=device)
+        self.classifier_head = nn.Linear(config.hidden_size, config.num_labels, bias=True, device=device)
+        self.dropout = nn.Dropout(config.classifier_dropout) if config.classifier_dropout is not None else None
+        if config.pre_seq_len:
+            for name, param in self.named_parameters():
+                if not name.startswith("transformer.prefix_encoder."):
+                    param.requires_grad_(False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        full_attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Any] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs: Any,
+    ) -> Union[SequenceClassifierOutputWithPast, tuple]:
+        """→ logits [b, num_labels]; loss by config.problem_type (inferred like transformers' classifiers)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                   output_hidden_states=output_hidden_states, return_dict=True)
+        pooled = outputs.last_hidden_state[:, -1]
+        if self.dropout is not None:
+            pooled = self.dropout(pooled)
+        logits = self.classifier_head(pooled.to(self.classifier_head.weight.dtype))
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels.to(logits.device))
+        if not return_dict:
+            rest = tuple(v for v in (outputs.past_key_values, outputs.hidden_states) if v is not None)
+            return ((loss,) if loss is not None else ()) + (logits,) + rest
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                                hidden_states=outputs.hidden_states, attentions=None)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.config.problem_type is None:
+            if self.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        if self.config.problem_type == "regression":
+            return F.mse_loss(logits.squeeze(-1).float(), labels.squeeze(-1).float())
+        if self.config.problem_type == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, self.num_labels).float(), labels.view(-1))
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
