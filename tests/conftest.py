@@ -28,3 +28,33 @@ def require_shared(path: Path = SHARED) -> Path:
     if not path.exists():
         pytest.skip(f"reference data not found at {path} (set CHATGLM_SHARED or place ../shared beside the repo)")
     return path
+
+
+TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, kv_channels=16, multi_query_attention=True,
+            multi_query_group_num=2, ffn_hidden_size=96, padded_vocab_size=512, seq_length=256, add_qkv_bias=True)
+
+
+def tiny_config(**overrides):
+    """A tiny ChatGLM3-shaped config (2 layers, hidden 64, 4 heads sharing 2 key/value groups)."""
+    from chatglm.configuration_chatglm import ChatGLMConfig
+
+    return ChatGLMConfig(**{**TINY, **overrides})
+
+
+def tiny_model(seed: int = 0, **overrides):
+    """A tiny random ChatGLMForConditionalGeneration in eval mode, weights scaled like the golden models."""
+    import torch
+
+    from chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = ChatGLMForConditionalGeneration(tiny_config(**overrides))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.copy_(0.05 * torch.randn_like(param))
+            else:
+                param.copy_(0.15 * torch.randn_like(param))
+    return model.eval()
