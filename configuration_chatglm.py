@@ -17,6 +17,15 @@ logger = logging.get_logger(__name__)
 # with each checkpoint decided its meaning (SPEC §1), so our configs name it explicitly.
 ROPE_RATIO_MODES = ("scale_base", "divide_positions")
 
+# Saved configs point the auto classes at these modules, so any folder we write loads with trust_remote_code.
+AUTO_MAP = {
+    "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+    "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification",
+}
+
 
 def _infer_rope_ratio_mode(name_or_path: str, auto_map: Optional[dict]) -> str:
     """Guess the rope_ratio meaning of an official config that does not state it.
@@ -117,6 +126,7 @@ class ChatGLMConfig(PretrainedConfig):
         self.rope_ratio_mode = rope_ratio_mode or "scale_base"
         # The checkpoints never tie the output layer to the embedding; newer transformers default to tying.
         kwargs.setdefault("tie_word_embeddings", False)
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
         kwargs.setdefault("pad_token_id", 0)
         kwargs.setdefault("eos_token_id", 2)
         super().__init__(**kwargs)

@@ -1,0 +1,271 @@
+"""Model behaviour beyond the golden cases: batching, caches, generation modes, training, loading, errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config, tiny_model
+
+from chatglm.compat_chatglm import as_cache, new_dynamic_cache
+from chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
+
+PROMPT_LENGTHS = (3, 7, 11)
+
+
+def random_prompts(seed: int = 1, lengths=PROMPT_LENGTHS, vocab: int = 512) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, vocab, (n,), generator=g) for n in lengths]
+
+
+def left_pad(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def new_tokens(sequences: torch.Tensor, prompt_width: int) -> list[list[int]]:
+    return [row[prompt_width:].tolist() for row in sequences]
+
+
+@pytest.fixture(scope="module")
+def model64():
+    """Float64 tiny model: batched and single runs then differ by ~1e-15, so greedy ties cannot flip."""
+    return tiny_model(seed=3).double()
+
+
+GENERATION_MODES = {
+    "greedy": dict(do_sample=False),
+    "beam": dict(do_sample=False, num_beams=3),
+    "sampling_top_k_1": dict(do_sample=True, top_k=1, temperature=0.7),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(GENERATION_MODES))
+@torch.no_grad()
+def test_left_padded_batch_equals_single_prompts(model64, mode):
+    prompts = random_prompts()
+    kwargs = dict(max_new_tokens=6, eos_token_id=None, pad_token_id=0, **GENERATION_MODES[mode])
+    ids, mask = left_pad(prompts)
+    batched = new_tokens(model64.generate(input_ids=ids, attention_mask=mask, **kwargs), ids.shape[1])
+    for row, prompt in zip(batched, prompts):
+        alone = model64.generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 **kwargs)
+        assert row == new_tokens(alone, len(prompt))[0], f"{mode}: batched row differs from the prompt alone"
+
+
+@torch.no_grad()
+def test_use_cache_false_generates_the_same(model64):
+    ids, mask = left_pad(random_prompts(seed=2))
+    cached = model64.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    uncached = model64.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                eos_token_id=None, pad_token_id=0, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@torch.no_grad()
+def test_forward_padding_either_side_matches_unpadded(model64):
+    """Left- and right-padded rows give the unpadded logits at their real tokens."""
+    prompts = random_prompts(seed=4)
+    width = max(len(p) for p in prompts)
+    for side in ("left", "right"):
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            cols = slice(width - len(p), width) if side == "left" else slice(0, len(p))
+            ids[i, cols], mask[i, cols] = p, 1
+        logits = model64(input_ids=ids, attention_mask=mask).logits
+        for i, p in enumerate(prompts):
+            alone = model64(input_ids=p[None]).logits[0]
+            torch.testing.assert_close(logits[i][mask[i].bool()], alone, rtol=1e-9, atol=1e-9)
+
+
+@torch.no_grad()
+def test_eager_and_sdpa_agree():
+    model = tiny_model(seed=5)
+    ids, mask = left_pad(random_prompts(seed=5))
+    results = {}
+    for impl in ("eager", "sdpa"):
+        model.config._attn_implementation = impl
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        step = model(input_ids=ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1),
+                     past_key_values=out.past_key_values)
+        results[impl] = (out.logits[mask.bool()], step.logits)
+    torch.testing.assert_close(results["eager"], results["sdpa"], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_legacy_tuple_cache_is_accepted(model64):
+    ids = random_prompts(seed=6, lengths=(8,))[0][None]
+    out = model64(input_ids=ids[:, :-1], use_cache=True)
+    legacy = tuple((layer.keys, layer.values) if hasattr(layer, "keys") else tuple(layer)[:2]
+                   for layer in getattr(out.past_key_values, "layers", out.past_key_values))
+    with_legacy = model64(input_ids=ids[:, -1:], past_key_values=legacy).logits
+    with_object = model64(input_ids=ids[:, -1:], past_key_values=out.past_key_values).logits
+    full = model64(input_ids=ids).logits[:, -1:]
+    torch.testing.assert_close(with_legacy, full)
+    torch.testing.assert_close(with_object, full)
+    assert as_cache(legacy).get_seq_length() == 7
+
+
+@torch.no_grad()
+def test_cache_continues_into_the_next_turn(model64):
+    """A cache returned by generate() continues a conversation: same tokens as recomputing from scratch."""
+    turn1 = random_prompts(seed=7, lengths=(6,))[0][None]
+    cache = new_dynamic_cache()  # a caller-owned cache is filled in place on every transformers version
+    sequences = model64.generate(input_ids=turn1, past_key_values=cache, max_new_tokens=4, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+    assert cache.get_seq_length() == sequences.shape[1] - 1  # everything but the last generated token
+    turn2 = torch.cat([sequences, random_prompts(seed=8, lengths=(3,))[0][None]], dim=1)
+    continued = model64.generate(input_ids=turn2, past_key_values=cache, max_new_tokens=4, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+    scratch = model64.generate(input_ids=turn2, max_new_tokens=4, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)
+    assert torch.equal(continued, scratch)
+
+
+@torch.no_grad()
+def test_static_cache_generate_matches_dynamic(model64):
+    cache_utils = pytest.importorskip("transformers.cache_utils")
+    if not hasattr(cache_utils, "StaticCache"):
+        pytest.skip("this transformers has no StaticCache")
+    ids, mask = left_pad(random_prompts(seed=9))
+    kwargs = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    dynamic = model64.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    static = model64.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
+    assert torch.equal(dynamic, static)
+
+
+def test_gradient_checkpointing_matches_and_training_lowers_loss():
+    torch.manual_seed(0)
+    model = tiny_model(seed=10).train()
+    ids = torch.randint(10, 512, (4, 12))
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.gradient_checkpointing_enable()
+    assert model.transformer.encoder.gradient_checkpointing
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    for a, b in zip(plain, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss = model(input_ids=ids, labels=ids).loss
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < losses[0] - 0.1, f"loss did not go down: {losses}"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fmt", ["safetensors", "bin_shards"])
+def test_save_and_load_round_trip(tmp_path, fmt):
+    from transformers import AutoModel
+
+    from conftest import REPO
+
+    model = tiny_model(seed=11)
+    ids, mask = left_pad(random_prompts(seed=11))
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    if fmt == "safetensors":
+        model.save_pretrained(str(tmp_path))
+    else:  # the official layout: pytorch_model-0000N-of-0000M.bin + index, with the rotary inv_freq buffer
+        model.config.save_pretrained(str(tmp_path))
+        state = model.state_dict()
+        state["transformer.rotary_pos_emb.inv_freq"] = torch.ones(4)
+        names = sorted(state)
+        shards = [names[: len(names) // 2], names[len(names) // 2:]]
+        weight_map = {}
+        for i, keys in enumerate(shards, 1):
+            file = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
+            torch.save({k: state[k].clone() for k in keys}, tmp_path / file)
+            weight_map.update({k: file for k in keys})
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for name in ("configuration_chatglm.py", "modeling_chatglm.py", "compat_chatglm.py", "quantization.py"):
+        if (REPO / name).exists():
+            (tmp_path / name).write_text((REPO / name).read_text())
+    loaded = AutoModel.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected, rtol=0, atol=0)
+
+
+# ----- errors at the edge -----
+def test_too_long_input_names_both_numbers():
+    model = tiny_model(seq_length=16)
+    with pytest.raises(ValueError, match=r"20 tokens.*seq_length 16"):
+        model(input_ids=torch.randint(10, 512, (1, 20)))
+
+
+def test_generation_past_seq_length_is_a_clear_error():
+    model = tiny_model(seq_length=16)
+    with pytest.raises(ValueError, match="seq_length 16"):
+        model.generate(input_ids=torch.randint(10, 512, (1, 12)), max_new_tokens=10, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)
+
+
+@pytest.mark.parametrize("bad", [-1, 512, 70000])
+def test_out_of_vocabulary_ids(bad):
+    model = tiny_model()
+    ids = torch.tensor([[5, 6, bad]])
+    with pytest.raises(ValueError, match=r"\[0, 512\)"):
+        model(input_ids=ids)
+
+
+def test_right_padded_generation_is_refused():
+    model = tiny_model()
+    ids = torch.tensor([[11, 12, 13], [11, 12, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with pytest.raises(ValueError, match="padding_side='left'"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, pad_token_id=0)
+
+
+def test_mask_length_mismatch_is_a_clear_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="attention_mask has 3 columns"):
+        model(input_ids=torch.tensor([[11, 12, 13, 14]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_attention_heads=3), "divisible by multi_query_group_num"),
+    (dict(rope_ratio_mode="ntk"), "rope_ratio_mode"),
+    (dict(quantization_bit=3), "quantization_bit"),
+    (dict(hidden_size=0), "hidden_size"),
+])
+def test_inconsistent_config_is_rejected(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_rope_ratio_mode_of_official_configs():
+    """Official configs do not say how rope_ratio applies: chatglm2-6b-32k divides positions, ChatGLM3 scales base."""
+    v2 = tiny_config(rope_ratio=16, _name_or_path="THUDM/chatglm2-6b-32k")
+    v3 = tiny_config(rope_ratio=500, _name_or_path="THUDM/chatglm3-6b-128k")
+    assert (v2.rope_position_scale, v2.rope_base) == (16.0, 10000.0)
+    assert (v3.rope_position_scale, v3.rope_base) == (1.0, 5_000_000.0)
+    explicit = tiny_config(rope_ratio=16, rope_ratio_mode="scale_base", _name_or_path="THUDM/chatglm2-6b-32k")
+    assert explicit.rope_base == 160000.0
+
+
+def test_standard_aliases():
+    config = tiny_config()
+    assert (config.num_hidden_layers, config.num_key_value_heads, config.max_position_embeddings,
+            config.vocab_size, config.head_dim) == (2, 2, 256, 512, 16)
+
+
+def test_module_paths_downstream_tools_use():
+    model = tiny_model()
+    names = dict(model.named_modules())
+    for path in ("transformer.embedding.word_embeddings", "transformer.rotary_pos_emb",
+                 "transformer.encoder.layers.0.self_attention.query_key_value", "transformer.encoder.final_layernorm",
+                 "transformer.output_layer"):
+        assert path in names, path
+    assert type(names["transformer.encoder.layers.1"]).__name__ == "GLMBlock"
+    assert isinstance(model, ChatGLMForConditionalGeneration)
