@@ -1,0 +1,137 @@
+"""Benchmark: prefill tok/s, decode tok/s and peak memory of our model and of a peer measured in the same run.
+
+    python tools/bench.py --variant chatglm3-6b --dtype float16 --batch 1 --prompt 1024 --new 256 --out bench.json
+    python tools/bench.py --tiny --device cpu --dtype float32 --prompt 64 --new 32      # 2-core CPU, small shape
+
+The peer is transformers' GlmForCausalLM with our weights renamed (the same function, SPEC §2); ratios are ours
+over the peer's. Weights are random at the variant's real shape unless --tiny. Decode rate = batch · (new − 1) /
+(t(generate new) − t(generate 1)), so prefill is excluded; each system is warmed up first (compilation included).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+from full_shape_check import import_package  # noqa: E402
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeat: int = 1) -> float:
+    """Best wall time of `repeat` runs of fn()."""
+    best = float("inf")
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def build_ours(args):
+    from chatglm.configuration_chatglm import ChatGLMConfig
+    from chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
+
+    if args.tiny:
+        config = ChatGLMConfig(num_layers=4, hidden_size=256, num_attention_heads=8, kv_channels=32,
+                               multi_query_group_num=2, ffn_hidden_size=512, padded_vocab_size=4096, seq_length=4096)
+    else:
+        config = ChatGLMConfig.from_pretrained(str(REPO / "variants" / args.variant))
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = ChatGLMForConditionalGeneration(config).to(getattr(torch, args.dtype)).eval()
+    if args.quant:
+        model.quantize(args.quant)
+    return model
+
+
+def generate_fn(model, ids, new: int, cache: str):
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    mask = torch.ones_like(ids)
+    return lambda: model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+
+
+def measure(name: str, model, args, cache: str, peer: bool) -> dict:
+    vocab = model.config.vocab_size if peer else model.config.padded_vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(10, vocab, (args.batch, args.prompt), generator=g).to(args.device)
+    result = {"system": name, "cache": cache}
+    try:
+        with torch.no_grad():
+            last = {"logits_to_keep": 1} if peer else {"return_last_logit": True}
+            prefill = timed(lambda: model(input_ids=ids, use_cache=False, **last), args.device, repeat=3)
+            result["prefill_tok_s"] = round(args.batch * args.prompt / prefill, 1)
+            generate_fn(model, ids, args.new, cache)()  # warm-up (compiles where the cache asks for it)
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            t_one = timed(generate_fn(model, ids, 1, cache), args.device, repeat=2)
+            t_all = timed(generate_fn(model, ids, args.new, cache), args.device, repeat=args.repeat)
+            result["decode_tok_s"] = round(args.batch * (args.new - 1) / (t_all - t_one), 1)
+            result["decode_ms_per_step"] = round(1000 * (t_all - t_one) / (args.new - 1), 3)
+            if args.device.startswith("cuda"):
+                result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    except Exception as error:  # a peer or cache kind the running versions lack: report, keep going
+        result["error"] = f"{type(error).__name__}: {error}"[:300]
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="chatglm3-6b")
+    parser.add_argument("--tiny", action="store_true", help="small shape for CPU runs")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt", type=int, default=1024)
+    parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--quant", type=int, default=0, choices=[0, 4, 8])
+    parser.add_argument("--caches", nargs="+", default=["dynamic", "static"])
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    import_package()
+    import transformers
+
+    from glm_peer import glm_peer
+
+    report = {"args": vars(args), "torch": torch.__version__, "transformers": transformers.__version__,
+              "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+              "results": []}
+    model = build_ours(args)
+    for cache in args.caches:
+        report["results"].append(measure("ours", model, args, cache, peer=False))
+    if not args.no_peer and not args.quant:
+        peer = glm_peer(model)
+        del model
+        for cache in args.caches:
+            report["results"].append(measure("GlmForCausalLM", peer, args, cache, peer=True))
+    ours = {r["cache"]: r for r in report["results"] if r["system"] == "ours"}
+    report["ratios"] = {}
+    for r in report["results"]:
+        if r["system"] != "ours" and "decode_tok_s" in r:
+            for cache, mine in ours.items():
+                if "decode_tok_s" in mine:
+                    report["ratios"][f"ours[{cache}]/peer[{r['cache']}] decode"] = round(
+                        mine["decode_tok_s"] / r["decode_tok_s"], 2)
+    print(json.dumps(report["ratios"]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
