@@ -76,6 +76,13 @@ _REPLACE_KWARG = next(
 )
 
 
+def _compat_register_auto_class(cls: type) -> None:
+    """transformers < 4.3x's AutoTokenizer does not register remote-code classes, so save_pretrained would not copy
+    this file (and chat_format.py) next to the saved config. Register when loaded as remote code."""
+    if getattr(cls, "_auto_class", None) is None and cls.__module__.startswith("transformers_modules."):
+        cls.register_for_auto_class("AutoTokenizer")
+
+
 def _compat_call_kwargs(kwargs: Dict[str, Any]) -> Optional[str]:
     """On versions without a ``padding_side`` call argument, pop it so the caller can apply it itself."""
     if BASE_HAS_PADDING_SIDE:
@@ -157,14 +164,31 @@ class SPTokenizer:
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids``: control tokens (ChatGLM3) as their strings, pad/bos/eos and unknown ids dropped."""
-        return self.decode_tokens([self.convert_id_to_token(int(i)) for i in ids])
+        """Raw sentencepiece decoding of ``ids`` (the official inner ``decode``): each run of piece ids is decoded
+        on its own (``<unk>``/pad shows as `` ⁇ ``), ChatGLM3 control tokens are written as their strings,
+        ChatGLM2 control ids and ids outside the vocabulary give no text. ``ChatGLMTokenizer.decode`` is the
+        user-facing one."""
+        text: List[str] = []
+        run: List[int] = []
+        for index in (int(i) for i in ids):
+            if 0 <= index < self.n_sp:
+                run.append(index)
+                continue
+            if run:
+                text.append(self.sp_model.decode(run))
+                run = []
+            if self.family == CHATGLM3 and index in self.index_special_tokens:
+                text.append(self.index_special_tokens[index])
+        if run:
+            text.append(self.sp_model.decode(run))
+        return "".join(text)
 
-    def decode_tokens(self, tokens: Sequence[str]) -> str:
-        """Join pieces and control-token strings. A run of pieces that follows a control token keeps its leading
-        space (sentencepiece drops it only at the start of the text)."""
+    def decode_tokens(self, tokens: Sequence[str], verbatim: Optional[Any] = None) -> str:
+        """Join pieces and control-token strings (and the strings in ``verbatim``). A run of pieces that follows
+        such a token keeps its leading space (sentencepiece drops it only at the start of the text)."""
         text: List[str] = []
         run: List[str] = []
+        verbatim = verbatim if verbatim is not None else ()
 
         def flush() -> None:
             if run:
@@ -177,7 +201,7 @@ class SPTokenizer:
         for token in tokens:
             if not token:
                 continue
-            if token in self.special_tokens:
+            if token in self.special_tokens or token in verbatim:
                 flush()
                 text.append(token)
             else:
@@ -249,6 +273,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         )
         if not BASE_HAS_CHAT_TEMPLATE:  # 4.30.2 keeps unknown kwargs only in init_kwargs
             self.chat_template = kwargs["chat_template"]
+        _compat_register_auto_class(type(self))
 
     # ------------------------------------------------------------------ vocabulary
     @property
@@ -379,20 +404,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         if isinstance(token_ids, int):
             token_ids = [token_ids]
         tokens = self.convert_ids_to_tokens([int(i) for i in token_ids], skip_special_tokens=skip_special_tokens)
-        text = self.tokenizer.decode_tokens(tokens)
-        user_added = self._user_added_tokens()
-        if user_added:  # decode_tokens does not know user-added tokens: join them around the piece runs
-            parts: List[str] = []
-            run: List[str] = []
-            for token in tokens:
-                if token in user_added:
-                    parts.append(self.tokenizer.decode_tokens(run))
-                    parts.append(token)
-                    run = []
-                else:
-                    run.append(token)
-            parts.append(self.tokenizer.decode_tokens(run))
-            text = "".join(parts)
+        text = self.tokenizer.decode_tokens(tokens, verbatim=self._user_added_tokens())
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
         return self.clean_up_tokenization(text) if clean_up_tokenization_spaces else text
