@@ -407,6 +407,8 @@ def parse_tool_call(content: str) -> Dict[str, Any]:
                 if not isinstance(value, dict):
                     raise ToolCallError("'**' needs a dict literal")
                 params.update(value)
+            elif keyword.arg in params:
+                raise ToolCallError(f"keyword argument {keyword.arg!r} repeated")
             else:
                 params[keyword.arg] = value
     except RecursionError:

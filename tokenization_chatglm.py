@@ -367,15 +367,12 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     def convert_ids_to_tokens(self, ids: Union[int, Sequence[int]], skip_special_tokens: bool = False):
         """Token strings; ``""`` for pad/bos/eos and unknown ids (as the official tokenizer)."""
+        if hasattr(ids, "tolist"):  # tensors, numpy arrays and scalars
+            ids = ids.tolist()
         if isinstance(ids, int):
             return self._id_to_token(ids)
-        tokens = []
-        for index in ids:
-            index = int(index)
-            if skip_special_tokens and self._is_control_id(index):
-                continue
-            tokens.append(self._id_to_token(index))
-        return tokens
+        skip = self._control_ids() if skip_special_tokens else frozenset()
+        return [self._id_to_token(int(i)) for i in ids if int(i) not in skip]
 
     def _id_to_token(self, index: int) -> str:
         if index >= self.tokenizer.n_words:
@@ -384,10 +381,10 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             return str(token) if token is not None else ""
         return self.tokenizer.convert_id_to_token(index)
 
-    def _is_control_id(self, index: int) -> bool:
-        if index in self.tokenizer.index_special_tokens:
-            return True
-        return index in self.all_special_ids
+    def _control_ids(self) -> frozenset:
+        """Ids that ``skip_special_tokens`` removes: the family's control tokens, pad/bos/eos, special tokens."""
+        sp = self.tokenizer
+        return frozenset(sp.index_special_tokens) | {sp.pad_id, sp.bos_id, sp.eos_id} | set(self.all_special_ids)
 
     def convert_tokens_to_string(self, tokens: List[str]) -> str:
         return self.tokenizer.decode_tokens(tokens)
@@ -401,6 +398,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     ) -> str:
         """Text of ``token_ids``; ChatGLM3 control tokens are kept as ``<|user|>`` etc. unless
         ``skip_special_tokens``; pad/bos/eos and ids outside the vocabulary give no text."""
+        if hasattr(token_ids, "tolist"):
+            token_ids = token_ids.tolist()
         if isinstance(token_ids, int):
             token_ids = [token_ids]
         tokens = self.convert_ids_to_tokens([int(i) for i in token_ids], skip_special_tokens=skip_special_tokens)
@@ -427,7 +426,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     ) -> List[int]:
         if already_has_special_tokens:
             ids = list(token_ids_0) + list(token_ids_1 or [])
-            return [1 if self._is_control_id(int(i)) else 0 for i in ids]
+            control = self._control_ids()
+            return [1 if int(i) in control else 0 for i in ids]
         mask = [1, 1] + [0] * len(token_ids_0)
         if token_ids_1 is not None:
             mask += [0] * len(token_ids_1) + [1]

@@ -498,6 +498,7 @@ def test_tiny_decode(tiny3, tiny2):
     assert tiny3.decode([n + 6] + ids[2:] + [n + 7]) == "<|user|> Hello world<|assistant|>"
     assert tiny3.decode(ids + [2, 0, 1, 10 ** 6, -1]) == "[gMASK]sop Hello world"
     assert tiny3.decode(torch.tensor(ids)) == tiny3.decode(ids)
+    assert tiny3.decode(torch.tensor(ids[2])) == tiny3.decode([ids[2]]) == tiny3.convert_ids_to_tokens(torch.tensor(ids[2])).replace("\u2581", "")
     assert tiny3.convert_ids_to_tokens(n + 8) == "<|observation|>"
     assert tiny2.convert_ids_to_tokens([n + 1, n + 8, 2]) == ["", "", ""]
     assert tiny3.batch_decode([ids, ids[2:]], skip_special_tokens=True) == ["Hello world"] * 2
