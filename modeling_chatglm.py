@@ -37,6 +37,10 @@ from .configuration_chatglm import ChatGLMConfig
 
 logger = logging.get_logger(__name__)
 
+# Inference inputs longer than this run their position-wise work (norms, projections, MLP) in chunks of this many
+# tokens, which bounds the activation memory of a long prefill; attention itself always sees the whole input.
+PREFILL_CHUNK = 8192
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -198,22 +202,32 @@ class SelfAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.config = config
 
-    def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
-                past_key_values: Optional[Any] = None) -> torch.Tensor:
-        """hidden_states [b, s, hidden] → [b, s, hidden]; appends this layer's keys/values to the cache."""
+    def project(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """hidden_states [b, s, hidden] → rotated query [b, heads, s, d], rotated key and value [b, kv_heads, s, d]."""
         b, s, _ = hidden_states.shape
         query, key, value = self.query_key_value(hidden_states).split(self.qkv_sizes, dim=-1)
         query = query.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         key = key.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         value = value.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rotary
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin), value
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask,
+               past_key_values: Optional[Any] = None) -> torch.Tensor:
+        """Append key/value to the cache, attend → context [b, heads, s, d] (before `dense`)."""
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         attn_mask, is_causal = mask.for_keys(key.shape[-2], key.device)
         attend = ATTENTION_BACKENDS[attn_implementation(self.config)]
         dropout_p = self.attention_dropout if self.training else 0.0
-        context = attend(query, key, value, attn_mask, is_causal, dropout_p)
+        return attend(query, key, value, attn_mask, is_causal, dropout_p)
+
+    def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
+                past_key_values: Optional[Any] = None) -> torch.Tensor:
+        """hidden_states [b, s, hidden] → [b, s, hidden]; appends this layer's keys/values to the cache."""
+        b, s, _ = hidden_states.shape
+        context = self.attend(*self.project(hidden_states, rotary), mask, past_key_values)
         return self.dense(context.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -246,10 +260,41 @@ class GLMBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
                 past_key_values: Optional[Any] = None) -> torch.Tensor:
+        """hidden_states [b, s, hidden] → [b, s, hidden]."""
+        if hidden_states.shape[1] > PREFILL_CHUNK and not torch.is_grad_enabled():
+            return self._forward_in_chunks(hidden_states, rotary, mask, past_key_values)
         attention = self.self_attention(self.input_layernorm(hidden_states), rotary, mask, past_key_values)
         hidden_states = hidden_states + F.dropout(attention, p=self.hidden_dropout, training=self.training)
         mlp = self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states + F.dropout(mlp, p=self.hidden_dropout, training=self.training)
+
+    @torch.no_grad()
+    def _forward_in_chunks(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                           mask: AttentionMask, past_key_values: Optional[Any]) -> torch.Tensor:
+        """The same block for long inputs: every position-wise step runs PREFILL_CHUNK tokens at a time, so only
+        the query and the attention context exist at full length (the 2·ffn-wide MLP activation never does)."""
+        attention = self.self_attention
+        b, s, _ = hidden_states.shape
+        chunks = [slice(start, min(start + PREFILL_CHUNK, s)) for start in range(0, s, PREFILL_CHUNK)]
+        cos, sin = rotary
+        query = hidden_states.new_empty(b, attention.num_heads, s, attention.head_dim)
+        key = hidden_states.new_empty(b, attention.num_kv_heads, s, attention.head_dim)
+        value = torch.empty_like(key)
+        for part in chunks:
+            normed = self.input_layernorm(hidden_states[:, part])
+            query[:, :, part], key[:, :, part], value[:, :, part] = attention.project(
+                normed, (cos[:, :, part], sin[:, :, part]))
+        context = attention.attend(query, key, value, mask, past_key_values)
+        del query, key, value
+        out = torch.empty_like(hidden_states)
+        for part in chunks:
+            step = context[:, :, part].transpose(1, 2).reshape(b, part.stop - part.start, -1)
+            out[:, part] = hidden_states[:, part] + attention.dense(step)
+        del context
+        for part in chunks:
+            residual = out[:, part]
+            out[:, part] = residual + self.mlp(self.post_attention_layernorm(residual))
+        return out
 
 
 class GLMTransformer(nn.Module):

@@ -269,3 +269,19 @@ def test_module_paths_downstream_tools_use():
         assert path in names, path
     assert type(names["transformer.encoder.layers.1"]).__name__ == "GLMBlock"
     assert isinstance(model, ChatGLMForConditionalGeneration)
+
+
+@torch.no_grad()
+def test_long_input_chunked_path_matches(monkeypatch, model64):
+    """Inputs longer than PREFILL_CHUNK take the chunked block path: same logits and cache as the plain path."""
+    import chatglm.modeling_chatglm as modeling
+
+    ids, mask = left_pad(random_prompts(seed=12, lengths=(5, 13)))
+    plain = model64(input_ids=ids, attention_mask=mask, use_cache=True)
+    monkeypatch.setattr(modeling, "PREFILL_CHUNK", 4)
+    chunked = model64(input_ids=ids, attention_mask=mask, use_cache=True)
+    torch.testing.assert_close(chunked.logits, plain.logits, rtol=1e-12, atol=1e-12)
+    step = torch.tensor([[17], [23]])
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    torch.testing.assert_close(model64(input_ids=step, attention_mask=step_mask, past_key_values=chunked.past_key_values).logits,
+                               model64(input_ids=step, attention_mask=step_mask, past_key_values=plain.past_key_values).logits)

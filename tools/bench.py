@@ -89,6 +89,26 @@ def measure(name: str, model, args, cache: str, peer: bool) -> dict:
     return result
 
 
+def measure_long_prefill(name: str, model, args, length: int, peer: bool) -> dict:
+    """One prefill of `length` tokens into a fresh cache, last-position logits only (what generate() runs)."""
+    vocab = model.config.vocab_size if peer else model.config.padded_vocab_size
+    ids = torch.randint(10, vocab, (1, length), generator=torch.Generator().manual_seed(2)).to(args.device)
+    last = {"logits_to_keep": 1} if peer else {"return_last_logit": True}
+    result = {"system": name, "prefill_tokens": length}
+    try:
+        with torch.no_grad():
+            model(input_ids=ids[:, :1024], use_cache=True, **last)  # warm-up
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            seconds = timed(lambda: model(input_ids=ids, use_cache=True, **last), args.device)
+        result.update(seconds=round(seconds, 3), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    except Exception as error:
+        result["error"] = f"{type(error).__name__}: {error}"[:300]
+    torch.cuda.empty_cache()
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="chatglm3-6b")
@@ -101,6 +121,8 @@ def main() -> None:
     parser.add_argument("--quant", type=int, default=0, choices=[0, 4, 8])
     parser.add_argument("--caches", nargs="+", default=["dynamic", "static"])
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--long-prefill", type=int, nargs="*", default=[],
+                        help="instead of decode: time one prefill of each length (CUDA), e.g. 32768 131072")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -113,6 +135,15 @@ def main() -> None:
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "results": []}
     model = build_ours(args)
+    if args.long_prefill:
+        peer = None if args.no_peer else glm_peer(model)
+        for length in args.long_prefill:
+            report["results"].append(measure_long_prefill("ours", model, args, length, peer=False))
+            if peer is not None:
+                report["results"].append(measure_long_prefill("GlmForCausalLM", peer, args, length, peer=True))
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2))
+        return
     for cache in args.caches:
         report["results"].append(measure("ours", model, args, cache, peer=False))
     if not args.no_peer and not args.quant:
