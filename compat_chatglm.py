@@ -112,6 +112,14 @@ def cache_length(cache: Any) -> int:
     return int(cache.get_seq_length())
 
 
+def cache_layer(cache: Any, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(key, value) that `cache` holds for one layer, each [batch, kv_heads, seq, head_dim]."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # transformers >= 4.54: one object per layer
+        return layers[layer_idx].keys, layers[layer_idx].values
+    return cache.key_cache[layer_idx], cache.value_cache[layer_idx]
+
+
 def cache_is_static(cache: Any) -> bool:
     """True for preallocated caches (StaticCache): their length is the allocation, not the content."""
     return bool(getattr(cache, "is_compileable", False)) and not isinstance(cache, KVCache)
@@ -189,7 +197,8 @@ def set_attn_implementation(config: Any, name: str) -> None:
 
 
 __all__: Sequence[str] = (
-    "KVCache", "CACHE_TYPES", "GenerationMixin", "GradientCheckpointingMixin", "as_cache", "cache_length",
+    "KVCache", "CACHE_TYPES", "GenerationMixin", "GradientCheckpointingMixin", "as_cache", "cache_layer",
+    "cache_length",
     "cache_is_static", "new_dynamic_cache", "reorder_cache", "is_compiling", "sdpa", "attn_implementation",
     "set_attn_implementation",
 )

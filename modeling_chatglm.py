@@ -27,6 +27,7 @@ from .compat_chatglm import (
     as_cache,
     attn_implementation,
     cache_is_static,
+    cache_layer,
     cache_length,
     is_compiling,
     reorder_cache,
@@ -297,6 +298,21 @@ class GLMBlock(nn.Module):
         return out
 
 
+class _FixedPast:
+    """Cache stand-in for a checkpointed layer: prepends fixed keys/values (the P-tuning prefix), stores nothing."""
+
+    def __init__(self, key: torch.Tensor, value: torch.Tensor):
+        self.key, self.value = key, value
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs: Optional[dict] = None):
+        return torch.cat([self.key, key], dim=-2), torch.cat([self.value, value], dim=-2)
+
+
+def _layer_after_fixed_past(layer: "GLMBlock", hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                            mask: "AttentionMask", key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return layer(hidden_states, rotary, mask, _FixedPast(key, value))
+
+
 class GLMTransformer(nn.Module):
     """The stack of GLMBlocks and the final norm."""
 
@@ -321,7 +337,14 @@ class GLMTransformer(nn.Module):
             if checkpointing:
                 checkpoint = getattr(self, "_gradient_checkpointing_func", None) or partial(
                     torch.utils.checkpoint.checkpoint, use_reentrant=False)
-                hidden_states = checkpoint(layer.__call__, hidden_states, rotary, mask, None)
+                if past_key_values is not None and cache_length(past_key_values):
+                    # P-tuning prefix (use_cache is off while checkpointing): give the layer its cached keys/values
+                    # as tensors, so the recomputation sees the same keys and the prefix receives gradients.
+                    prefix_key, prefix_value = cache_layer(past_key_values, layer.self_attention.layer_idx)
+                    hidden_states = checkpoint(_layer_after_fixed_past, layer, hidden_states, rotary, mask,
+                                               prefix_key, prefix_value)
+                else:
+                    hidden_states = checkpoint(layer.__call__, hidden_states, rotary, mask, None)
             else:
                 hidden_states = layer(hidden_states, rotary, mask, past_key_values)
         if output_hidden_states:
@@ -391,6 +414,18 @@ class ChatGLMPreTrainedModel(GradientCheckpointingMixin, PreTrainedModel):
             module.weight.data.normal_(0.0, std)
         elif isinstance(module, RMSNorm):
             module.weight.data.fill_(1.0)
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """transformers' from_pretrained; a P-tuning model (`pre_seq_len`) is frozen again after loading, except
+        its prefix encoder (transformers >= 5 loads weights as new parameters with requires_grad=True)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if getattr(model.config, "pre_seq_len", None):
+            for name, param in model.named_parameters():
+                if "prefix_encoder." not in name:
+                    param.requires_grad_(False)
+        return loaded
 
     @staticmethod
     def _accept_init_kwargs(config: ChatGLMConfig, kwargs: dict) -> None:
