@@ -125,6 +125,14 @@ def cache_is_static(cache: Any) -> bool:
     return bool(getattr(cache, "is_compileable", False)) and not isinstance(cache, KVCache)
 
 
+def static_cache_capacity(cache: Any) -> int:
+    """Allocated length of a preallocated cache (`get_max_length` in 5.x, `get_max_cache_shape` in 4.4x)."""
+    for name in ("get_max_length", "get_max_cache_shape"):
+        if hasattr(cache, name):
+            return int(getattr(cache, name)())
+    return int(cache.max_cache_len)
+
+
 def reorder_cache(past_key_values: Any, beam_idx: torch.LongTensor) -> Any:
     """Select beams of a cache object (in place) or of legacy tuples (new tuples)."""
     if isinstance(past_key_values, CACHE_TYPES):
@@ -199,6 +207,6 @@ def set_attn_implementation(config: Any, name: str) -> None:
 __all__: Sequence[str] = (
     "KVCache", "CACHE_TYPES", "GenerationMixin", "GradientCheckpointingMixin", "as_cache", "cache_layer",
     "cache_length",
-    "cache_is_static", "new_dynamic_cache", "reorder_cache", "is_compiling", "sdpa", "attn_implementation",
+    "cache_is_static", "static_cache_capacity", "new_dynamic_cache", "reorder_cache", "is_compiling", "sdpa", "attn_implementation",
     "set_attn_implementation",
 )

@@ -32,6 +32,7 @@ from .compat_chatglm import (
     is_compiling,
     reorder_cache,
     sdpa,
+    static_cache_capacity,
     set_attn_implementation,
 )
 from .configuration_chatglm import ChatGLMConfig
@@ -403,6 +404,7 @@ class ChatGLMPreTrainedModel(GradientCheckpointingMixin, PreTrainedModel):
     _supports_cache_class = True
     _supports_static_cache = True
     _supports_quantized_cache = False
+    _can_compile_fullgraph = True
 
     def _init_weights(self, module: nn.Module) -> None:
         std = 0.02
@@ -682,15 +684,15 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         if inputs_embeds is not None and past_tokens == 0:
             model_inputs["inputs_embeds"] = inputs_embeds
         else:
-            model_inputs["input_ids"] = input_ids[:, past_tokens:]
+            # contiguous copies: a compiled forward guards on strides, and a sliced view's stride grows every step
+            model_inputs["input_ids"] = input_ids[:, past_tokens:].clone(memory_format=torch.contiguous_format)
         query_len = total_len - past_tokens
-        model_inputs["position_ids"] = position_ids[:, -query_len:]
+        model_inputs["position_ids"] = position_ids[:, -query_len:].clone(memory_format=torch.contiguous_format)
         if cache_is_static(past_key_values) and (attention_mask is None or attention_mask.dim() == 2):
             # Fixed-shape mask over the whole preallocated cache keeps compiled decoding free of recompiles.
             key_padding = attention_mask if attention_mask is not None else input_ids.new_ones(input_ids.shape)
             key_padding = F.pad(key_padding, (prefix_len, 0), value=1) if prefix_len else key_padding
-            max_len = past_key_values.get_max_cache_shape() if hasattr(past_key_values, "get_max_cache_shape") \
-                else past_key_values.get_max_length()
+            max_len = static_cache_capacity(past_key_values)
             attention_mask, _ = AttentionMask(query_len, cached, key_padding=key_padding).for_keys(
                 int(max_len), input_ids.device)
         model_inputs.update(past_key_values=past_key_values, attention_mask=attention_mask,

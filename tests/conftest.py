@@ -58,3 +58,12 @@ def tiny_model(seed: int = 0, **overrides):
             else:
                 param.copy_(0.15 * torch.randn_like(param))
     return model.eval()
+
+
+def copy_code(folder: Path) -> Path:
+    """Put the remote-code modules (every top-level .py file) into `folder`, as a Hub model repo holds them."""
+    import shutil
+
+    for source in REPO.glob("*.py"):
+        shutil.copy(source, folder / source.name)
+    return folder

@@ -8,13 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GOLDEN, REPO, require_shared
+from conftest import GOLDEN, copy_code, require_shared
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 VARIANTS = ["chatglm2-6b", "chatglm2-6b-32k", "chatglm3-6b", "chatglm3-6b-128k"]
-MODEL_FILES = ["configuration_chatglm.py", "modeling_chatglm.py", "compat_chatglm.py", "quantization.py",
-               "tokenization_chatglm.py", "chat_format.py", "chat_chatglm.py"]
 RTOL = 1e-4
 
 
@@ -175,9 +173,7 @@ def test_remote_code_from_pretrained(variant, tmp_path):
     """The public path: a folder with our code, the official (tiny) config.json unchanged and the weights."""
     from transformers import AutoModel
 
-    for name in MODEL_FILES:
-        if (REPO / name).exists():
-            shutil.copy(REPO / name, tmp_path / name)
+    copy_code(tmp_path)
     shutil.copy(variant_dir(variant) / "config.json", tmp_path / "config.json")
     shutil.copy(variant_dir(variant) / "model.safetensors", tmp_path / "model.safetensors")
     model = AutoModel.from_pretrained(str(tmp_path), trust_remote_code=True).float().eval()

@@ -171,7 +171,7 @@ def test_gradient_checkpointing_matches_and_training_lowers_loss():
 def test_save_and_load_round_trip(tmp_path, fmt):
     from transformers import AutoModel
 
-    from conftest import REPO
+    from conftest import copy_code
 
     model = tiny_model(seed=11)
     ids, mask = left_pad(random_prompts(seed=11))
@@ -190,9 +190,7 @@ def test_save_and_load_round_trip(tmp_path, fmt):
             torch.save({k: state[k].clone() for k in keys}, tmp_path / file)
             weight_map.update({k: file for k in keys})
         (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    for name in ("configuration_chatglm.py", "modeling_chatglm.py", "compat_chatglm.py", "quantization.py"):
-        if (REPO / name).exists():
-            (tmp_path / name).write_text((REPO / name).read_text())
+    copy_code(tmp_path)
     loaded = AutoModel.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
     torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits, expected, rtol=0, atol=0)
 

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CODE_FILES = ["configuration_chatglm.py", "modeling_chatglm.py", "compat_chatglm.py", "quantization.py",
-              "tokenization_chatglm.py", "chat_format.py", "chat_chatglm.py"]
+CODE_FILES = sorted(p.name for p in REPO.glob("*.py"))  # the remote-code modules
 
 
 def import_package():
@@ -51,8 +50,7 @@ def save_official_layout(model: torch.nn.Module, folder: Path, shards: int = 7) 
 
 def install_variant(folder: Path, variant: str) -> None:
     for name in CODE_FILES:
-        if (REPO / name).exists():
-            shutil.copy(REPO / name, folder / name)
+        shutil.copy(REPO / name, folder / name)
     for name in ("config.json", "generation_config.json"):
         shutil.copy(REPO / "variants" / variant / name, folder / name)
 

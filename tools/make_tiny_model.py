@@ -33,8 +33,7 @@ def make_tiny_model(out: Path, tokenizer_model: Path | None, variant: str = "cha
     model = ChatGLMForConditionalGeneration(ChatGLMConfig(**config_dict))
     model.save_pretrained(str(out))
     for name in CODE_FILES:
-        if (REPO / name).exists():
-            shutil.copy(REPO / name, out / name)
+        shutil.copy(REPO / name, out / name)
     for name in ("generation_config.json", "tokenizer_config.json"):
         if (source / name).exists():
             shutil.copy(source / name, out / name)
