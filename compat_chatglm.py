@@ -89,8 +89,8 @@ def as_cache(past_key_values: Any) -> Any:
     """
     if past_key_values is None:
         return new_dynamic_cache()
-    if isinstance(past_key_values, CACHE_TYPES):
-        return past_key_values
+    if isinstance(past_key_values, CACHE_TYPES) or hasattr(past_key_values, "get_seq_length"):
+        return past_key_values  # a cache object (transformers', ours, or any with the same interface)
     if isinstance(past_key_values, (tuple, list)):
         cache = new_dynamic_cache()
         for layer_idx, layer in enumerate(past_key_values):

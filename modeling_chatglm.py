@@ -36,6 +36,7 @@ from .compat_chatglm import (
     set_attn_implementation,
 )
 from .configuration_chatglm import ChatGLMConfig
+from .decoding_chatglm import fast_generate, fast_path_supports
 
 logger = logging.get_logger(__name__)
 
@@ -216,20 +217,22 @@ class SelfAttention(nn.Module):
         return apply_rotary(query, cos, sin), apply_rotary(key, cos, sin), value
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask,
-               past_key_values: Optional[Any] = None) -> torch.Tensor:
-        """Append key/value to the cache, attend → context [b, heads, s, d] (before `dense`)."""
+               past_key_values: Optional[Any] = None, cache_position: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Append key/value to the cache (at `cache_position` [s] for preallocated caches), attend → context
+        [b, heads, s, d] (before `dense`)."""
         if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+            cache_kwargs = None if cache_position is None else {"cache_position": cache_position}
+            key, value = past_key_values.update(key, value, self.layer_idx, cache_kwargs)
         attn_mask, is_causal = mask.for_keys(key.shape[-2], key.device)
         attend = ATTENTION_BACKENDS[attn_implementation(self.config)]
         dropout_p = self.attention_dropout if self.training else 0.0
         return attend(query, key, value, attn_mask, is_causal, dropout_p)
 
     def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
-                past_key_values: Optional[Any] = None) -> torch.Tensor:
+                past_key_values: Optional[Any] = None, cache_position: Optional[torch.Tensor] = None) -> torch.Tensor:
         """hidden_states [b, s, hidden] → [b, s, hidden]; appends this layer's keys/values to the cache."""
         b, s, _ = hidden_states.shape
-        context = self.attend(*self.project(hidden_states, rotary), mask, past_key_values)
+        context = self.attend(*self.project(hidden_states, rotary), mask, past_key_values, cache_position)
         return self.dense(context.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -261,18 +264,20 @@ class GLMBlock(nn.Module):
         self.hidden_dropout = config.hidden_dropout
 
     def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
-                past_key_values: Optional[Any] = None) -> torch.Tensor:
+                past_key_values: Optional[Any] = None, cache_position: Optional[torch.Tensor] = None) -> torch.Tensor:
         """hidden_states [b, s, hidden] → [b, s, hidden]."""
         if hidden_states.shape[1] > PREFILL_CHUNK and not torch.is_grad_enabled():
-            return self._forward_in_chunks(hidden_states, rotary, mask, past_key_values)
-        attention = self.self_attention(self.input_layernorm(hidden_states), rotary, mask, past_key_values)
+            return self._forward_in_chunks(hidden_states, rotary, mask, past_key_values, cache_position)
+        attention = self.self_attention(self.input_layernorm(hidden_states), rotary, mask, past_key_values,
+                                        cache_position)
         hidden_states = hidden_states + F.dropout(attention, p=self.hidden_dropout, training=self.training)
         mlp = self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states + F.dropout(mlp, p=self.hidden_dropout, training=self.training)
 
     @torch.no_grad()
     def _forward_in_chunks(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                           mask: AttentionMask, past_key_values: Optional[Any]) -> torch.Tensor:
+                           mask: AttentionMask, past_key_values: Optional[Any],
+                           cache_position: Optional[torch.Tensor]) -> torch.Tensor:
         """The same block for long inputs: every position-wise step runs PREFILL_CHUNK tokens at a time, so only
         the query and the attention context exist at full length (the 2·ffn-wide MLP activation never does)."""
         attention = self.self_attention
@@ -286,7 +291,7 @@ class GLMBlock(nn.Module):
             normed = self.input_layernorm(hidden_states[:, part])
             query[:, :, part], key[:, :, part], value[:, :, part] = attention.project(
                 normed, (cos[:, :, part], sin[:, :, part]))
-        context = attention.attend(query, key, value, mask, past_key_values)
+        context = attention.attend(query, key, value, mask, past_key_values, cache_position)
         del query, key, value
         out = torch.empty_like(hidden_states)
         for part in chunks:
@@ -328,6 +333,7 @@ class GLMTransformer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
                 past_key_values: Optional[Any] = None, output_hidden_states: bool = False,
+                cache_position: Optional[torch.Tensor] = None,
                 ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
         """→ (normed last hidden [b, s, hidden], per-layer inputs + last layer output before the final norm)."""
         all_hidden = () if output_hidden_states else None
@@ -347,7 +353,7 @@ class GLMTransformer(nn.Module):
                 else:
                     hidden_states = checkpoint(layer.__call__, hidden_states, rotary, mask, None)
             else:
-                hidden_states = layer(hidden_states, rotary, mask, past_key_values)
+                hidden_states = layer(hidden_states, rotary, mask, past_key_values, cache_position)
         if output_hidden_states:
             all_hidden += (hidden_states,)
         if self.post_layer_norm:
@@ -536,7 +542,11 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         mask, position_ids = self._attention_inputs(attention_mask, position_ids, batch_size, query_len, past_len,
                                                     prefix_len, inputs_embeds.device, compiling)
         rotary = self.rotary_pos_emb(position_ids, inputs_embeds.dtype)
-        hidden_states, all_hidden = self.encoder(inputs_embeds, rotary, mask, cache, output_hidden_states)
+        cache_position = kwargs.get("cache_position")
+        if cache_position is None and past_len is not None and cache_is_static(cache):
+            cache_position = torch.arange(past_len, past_len + query_len, device=inputs_embeds.device)
+        hidden_states, all_hidden = self.encoder(inputs_embeds, rotary, mask, cache, output_hidden_states,
+                                                 cache_position)
         presents = cache if use_cache else None
         if not return_dict:
             return tuple(v for v in (hidden_states, presents, all_hidden) if v is not None)
@@ -657,7 +667,22 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states, attentions=None)
 
-    # ----- generation hooks (transformers' generate() owns the loop) -----
+    # ----- generation (transformers' generate() owns the loop; decoding_chatglm adds a compiled fast path) -----
+    def generate(self, *args: Any, **kwargs: Any):
+        """transformers' generate(). With `cache_implementation="static"` on CUDA, requests the fast path can serve
+        identically (greedy/sampling, no beams or processors; see decoding_chatglm) run on `fast_generate`."""
+        if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
+            kwargs["input_ids"], args = args[0], args[1:]
+        if not args and self.device.type == "cuda" and fast_path_supports(self, kwargs):
+            return fast_generate(self, **kwargs)
+        return super().generate(*args, **kwargs)
+
+    def fast_generate(self, input_ids: torch.LongTensor, **kwargs: Any) -> torch.LongTensor:
+        """Static-cache decoding with a compiled one-token step (CUDA graphs on GPU), on every transformers
+        version: input_ids [b, n] (left-padded) → sequences [b, n + new]. See decoding_chatglm.fast_generate."""
+        return fast_generate(self, input_ids, **kwargs)
+
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,

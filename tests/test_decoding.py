@@ -1,0 +1,80 @@
+"""The fast decoding path (static cache + compiled step) gives exactly what the eager generate() gives."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from test_modeling import left_pad, random_prompts
+
+from chatglm.decoding_chatglm import StaticKVCache, fast_path_supports
+
+
+@pytest.fixture(scope="module")
+def model64():
+    return tiny_model(seed=31).double()
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager-step", "compiled-step"])
+@torch.no_grad()
+def test_fast_generate_equals_generate(model64, compile):
+    ids, mask = left_pad(random_prompts(seed=31))
+    kwargs = dict(max_new_tokens=7, do_sample=False, pad_token_id=0)
+    reference = model64.generate(input_ids=ids, attention_mask=mask, eos_token_id=None, **kwargs)
+    fast = model64.fast_generate(ids, attention_mask=mask, eos_token_id=None, compile=compile, **kwargs)
+    assert torch.equal(fast, reference)
+
+
+@torch.no_grad()
+def test_fast_generate_stops_at_eos_like_generate(model64):
+    ids, mask = left_pad(random_prompts(seed=32))
+    free = model64.fast_generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, eos_token_id=None,
+                                 compile=False)
+    eos = int(free[0, ids.shape[1] + 2])  # a token row 0 emits third: a stop token for this test
+    kwargs = dict(max_new_tokens=40, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    reference = model64.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    fast = model64.fast_generate(ids, attention_mask=mask, compile=False, **kwargs)
+    assert torch.equal(fast, reference)
+    forced = model64.fast_generate(ids, attention_mask=mask, compile=False, min_new_tokens=10, **kwargs)
+    assert not torch.isin(forced[:, ids.shape[1]:ids.shape[1] + 10], torch.tensor([eos])).any()
+
+
+@torch.no_grad()
+def test_fast_generate_sampling_is_seeded_and_respects_top_k_1(model64):
+    ids, mask = left_pad(random_prompts(seed=33))
+    greedy = model64.fast_generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                                   compile=False)
+    top1 = model64.fast_generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=1,
+                                 eos_token_id=None, compile=False)
+    assert torch.equal(top1, greedy)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        runs.append(model64.fast_generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, top_p=0.9,
+                                          temperature=1.5, eos_token_id=None, compile=False))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_fast_path_only_takes_requests_it_serves(model64):
+    ids = torch.ones(1, 3, dtype=torch.long)
+    assert fast_path_supports(model64, dict(input_ids=ids, cache_implementation="static", max_new_tokens=3))
+    assert not fast_path_supports(model64, dict(input_ids=ids, max_new_tokens=3))
+    assert not fast_path_supports(model64, dict(input_ids=ids, cache_implementation="static", num_beams=2))
+    assert not fast_path_supports(model64, dict(input_ids=ids, cache_implementation="static", logits_processor=[]))
+
+
+@torch.no_grad()
+def test_static_kv_cache_in_a_plain_forward(model64):
+    """Our preallocated cache works with forward() directly: prefill, then steps, equal to the full forward."""
+    ids = random_prompts(seed=34, lengths=(9,))[0][None]
+    config = model64.config
+    cache = StaticKVCache(config.num_layers, 1, config.num_key_value_heads, config.kv_channels, 16, torch.float64,
+                          "cpu")
+    out = model64(input_ids=ids[:, :6], past_key_values=cache)
+    cache.length = 6
+    steps = []
+    for i in range(6, 9):
+        steps.append(model64(input_ids=ids[:, i:i + 1], past_key_values=cache).logits)
+        cache.length = i + 1
+    full = model64(input_ids=ids).logits
+    torch.testing.assert_close(torch.cat([out.logits] + steps, dim=1), full)
