@@ -21,6 +21,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils import logging
 
+from .chat_chatglm import ChatGLMChatMixin
 from .compat_chatglm import (
     GenerationMixin,
     GradientCheckpointingMixin,
@@ -590,7 +591,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         return AttentionMask(query_len, past_len, key_padding=key_padding), position_ids
 
 
-class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+class ChatGLMForConditionalGeneration(ChatGLMChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
     """ChatGLMModel plus the language-model head (`transformer.output_layer`), loss, generation hooks."""
 
     def __init__(self, config: ChatGLMConfig, empty_init: bool = True, device=None, **kwargs):
