@@ -22,6 +22,8 @@ from transformers.modeling_outputs import (
 from transformers.utils import logging
 
 from .chat_chatglm import ChatGLMChatMixin
+# transformers 4.30 copies into its module cache only the modules this file imports itself (not their imports):
+from .chat_format import CHATGLM3 as _CHATGLM3  # noqa: F401  (imported by chat_chatglm)
 from .compat_chatglm import (
     GenerationMixin,
     GradientCheckpointingMixin,
@@ -591,7 +593,30 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         return AttentionMask(query_len, past_len, key_padding=key_padding), position_ids
 
 
-class ChatGLMForConditionalGeneration(ChatGLMChatMixin, ChatGLMPreTrainedModel, GenerationMixin):
+class ChatGLMGenerationMixin(GenerationMixin):
+    """transformers' GenerationMixin plus the compiled fast path (decoding_chatglm).
+
+    The override lives in a class named like this on purpose: LLaMA-Factory (and projects copying its loader)
+    replace a model's `generate` with `PreTrainedModel.generate` unless `str(model.generate.__func__)` mentions
+    "GenerationMixin", and transformers >= 4.50 has no `PreTrainedModel.generate`, so that load would fail.
+    """
+
+    def generate(self, *args: Any, **kwargs: Any):
+        """transformers' generate(). With `cache_implementation="static"` on CUDA, requests the fast path can serve
+        identically (greedy/sampling, no beams or processors; see decoding_chatglm) run on `fast_generate`."""
+        if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
+            kwargs["input_ids"], args = args[0], args[1:]
+        if not args and self.device.type == "cuda" and fast_path_supports(self, kwargs):
+            return fast_generate(self, **kwargs)
+        return super().generate(*args, **kwargs)
+
+    def fast_generate(self, input_ids: torch.LongTensor, **kwargs: Any) -> torch.LongTensor:
+        """Static-cache decoding with a compiled one-token step (CUDA graphs on GPU), on every transformers
+        version: input_ids [b, n] (left-padded) → sequences [b, n + new]. See decoding_chatglm.fast_generate."""
+        return fast_generate(self, input_ids, **kwargs)
+
+
+class ChatGLMForConditionalGeneration(ChatGLMChatMixin, ChatGLMPreTrainedModel, ChatGLMGenerationMixin):
     """ChatGLMModel plus the language-model head (`transformer.output_layer`), loss, generation hooks."""
 
     def __init__(self, config: ChatGLMConfig, empty_init: bool = True, device=None, **kwargs):
@@ -667,22 +692,6 @@ class ChatGLMForConditionalGeneration(ChatGLMChatMixin, ChatGLMPreTrainedModel, 
             return ((loss,) if loss is not None else ()) + (logits,) + rest
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states, attentions=None)
-
-    # ----- generation (transformers' generate() owns the loop; decoding_chatglm adds a compiled fast path) -----
-    def generate(self, *args: Any, **kwargs: Any):
-        """transformers' generate(). With `cache_implementation="static"` on CUDA, requests the fast path can serve
-        identically (greedy/sampling, no beams or processors; see decoding_chatglm) run on `fast_generate`."""
-        if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
-            kwargs["input_ids"], args = args[0], args[1:]
-        if not args and self.device.type == "cuda" and fast_path_supports(self, kwargs):
-            return fast_generate(self, **kwargs)
-        return super().generate(*args, **kwargs)
-
-    def fast_generate(self, input_ids: torch.LongTensor, **kwargs: Any) -> torch.LongTensor:
-        """Static-cache decoding with a compiled one-token step (CUDA graphs on GPU), on every transformers
-        version: input_ids [b, n] (left-padded) → sequences [b, n + new]. See decoding_chatglm.fast_generate."""
-        return fast_generate(self, input_ids, **kwargs)
-
 
     def prepare_inputs_for_generation(
         self,
