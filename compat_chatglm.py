@@ -154,6 +154,14 @@ def _sdpa_has_enable_gqa() -> bool:
 
 
 SDPA_ENABLE_GQA = _sdpa_has_enable_gqa()
+LONG_ATTENTION = 4096  # causal inputs at least this long try cuDNN attention first
+
+try:  # torch >= 2.3 names its SDPA backends; cuDNN attention from 2.5 (enable_gqa with it needs the same)
+    from torch.nn.attention import SDPBackend as _SDPBackend
+    from torch.nn.attention import sdpa_kernel as _sdpa_kernel
+    CUDNN_BACKEND = getattr(_SDPBackend, "CUDNN_ATTENTION", None) if SDPA_ENABLE_GQA else None
+except ImportError:  # pragma: no cover - older torch
+    _sdpa_kernel, CUDNN_BACKEND = None, None
 
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
@@ -164,6 +172,13 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
     torch versions whose SDPA cannot share them (< 2.5).
     """
     group = query.shape[1] // key.shape[1]
+    if is_causal and attn_mask is None and query.shape[2] >= LONG_ATTENTION and query.is_cuda and CUDNN_BACKEND:
+        try:  # cuDNN's fused attention is ~1.7x FlashAttention-2 on Hopper for long causal prefill (docs/performance.md)
+            with _sdpa_kernel([CUDNN_BACKEND]):
+                return F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=dropout_p,
+                                                      enable_gqa=group > 1)
+        except RuntimeError:  # no cuDNN kernel for this GPU/shape/dtype: the default choice below
+            pass
     if group > 1 and not SDPA_ENABLE_GQA:
         key = key.repeat_interleave(group, dim=1)
         value = value.repeat_interleave(group, dim=1)

@@ -267,10 +267,12 @@ class GLMBlock(nn.Module):
         self.hidden_dropout = config.hidden_dropout
 
     def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
-                past_key_values: Optional[Any] = None, cache_position: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """hidden_states [b, s, hidden] → [b, s, hidden]."""
+                past_key_values: Optional[Any] = None, cache_position: Optional[torch.Tensor] = None,
+                inplace: bool = False) -> torch.Tensor:
+        """hidden_states [b, s, hidden] → [b, s, hidden] (long inputs without grad: written into hidden_states
+        itself when `inplace`, which the caller allows when nobody else holds that tensor)."""
         if hidden_states.shape[1] > PREFILL_CHUNK and not torch.is_grad_enabled():
-            return self._forward_in_chunks(hidden_states, rotary, mask, past_key_values, cache_position)
+            return self._forward_in_chunks(hidden_states, rotary, mask, past_key_values, cache_position, inplace)
         attention = self.self_attention(self.input_layernorm(hidden_states), rotary, mask, past_key_values,
                                         cache_position)
         hidden_states = hidden_states + F.dropout(attention, p=self.hidden_dropout, training=self.training)
@@ -280,7 +282,7 @@ class GLMBlock(nn.Module):
     @torch.no_grad()
     def _forward_in_chunks(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                            mask: AttentionMask, past_key_values: Optional[Any],
-                           cache_position: Optional[torch.Tensor]) -> torch.Tensor:
+                           cache_position: Optional[torch.Tensor], inplace: bool) -> torch.Tensor:
         """The same block for long inputs: every position-wise step runs PREFILL_CHUNK tokens at a time, so only
         the query and the attention context exist at full length (the 2·ffn-wide MLP activation never does)."""
         attention = self.self_attention
@@ -296,7 +298,7 @@ class GLMBlock(nn.Module):
                 normed, (cos[:, :, part], sin[:, :, part]))
         context = attention.attend(query, key, value, mask, past_key_values, cache_position)
         del query, key, value
-        out = torch.empty_like(hidden_states)
+        out = hidden_states if inplace else torch.empty_like(hidden_states)
         for part in chunks:
             step = context[:, :, part].transpose(1, 2).reshape(b, part.stop - part.start, -1)
             out[:, part] = hidden_states[:, part] + attention.dense(step)
@@ -336,9 +338,11 @@ class GLMTransformer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
                 past_key_values: Optional[Any] = None, output_hidden_states: bool = False,
-                cache_position: Optional[torch.Tensor] = None,
+                cache_position: Optional[torch.Tensor] = None, input_is_scratch: bool = False,
                 ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
-        """→ (normed last hidden [b, s, hidden], per-layer inputs + last layer output before the final norm)."""
+        """→ (normed last hidden [b, s, hidden], per-layer inputs + last layer output before the final norm).
+        `input_is_scratch`: the caller holds no other use for hidden_states, so long inputs may be updated in place.
+        """
         all_hidden = () if output_hidden_states else None
         checkpointing = self.gradient_checkpointing and self.training
         for layer in self.layers:
@@ -356,12 +360,25 @@ class GLMTransformer(nn.Module):
                 else:
                     hidden_states = checkpoint(layer.__call__, hidden_states, rotary, mask, None)
             else:
-                hidden_states = layer(hidden_states, rotary, mask, past_key_values, cache_position)
+                inplace = not output_hidden_states and (input_is_scratch or layer is not self.layers[0])
+                hidden_states = layer(hidden_states, rotary, mask, past_key_values, cache_position, inplace)
         if output_hidden_states:
             all_hidden += (hidden_states,)
         if self.post_layer_norm:
-            hidden_states = self.final_layernorm(hidden_states)
+            hidden_states = self._final_norm(hidden_states, inplace=not output_hidden_states and input_is_scratch)
         return hidden_states, all_hidden
+
+    def _final_norm(self, hidden_states: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """Final RMSNorm; long inputs without grad are normed PREFILL_CHUNK positions at a time (its float32
+        temporaries would otherwise be 4x the hidden states)."""
+        s = hidden_states.shape[1]
+        if s <= PREFILL_CHUNK or torch.is_grad_enabled():
+            return self.final_layernorm(hidden_states)
+        out = hidden_states if inplace else torch.empty_like(hidden_states)
+        for start in range(0, s, PREFILL_CHUNK):
+            part = slice(start, min(start + PREFILL_CHUNK, s))
+            out[:, part] = self.final_layernorm(hidden_states[:, part])
+        return out
 
 
 class Embedding(nn.Module):
@@ -549,7 +566,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if cache_position is None and past_len is not None and cache_is_static(cache):
             cache_position = torch.arange(past_len, past_len + query_len, device=inputs_embeds.device)
         hidden_states, all_hidden = self.encoder(inputs_embeds, rotary, mask, cache, output_hidden_states,
-                                                 cache_position)
+                                                 cache_position, input_is_scratch=input_ids is not None)
         presents = cache if use_cache else None
         if not return_dict:
             return tuple(v for v in (hidden_states, presents, all_hidden) if v is not None)
@@ -676,7 +693,7 @@ class ChatGLMForConditionalGeneration(ChatGLMChatMixin, ChatGLMPreTrainedModel, 
         outputs = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                    output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                                   return_dict=True)
+                                   return_dict=True, cache_position=kwargs.get("cache_position"))
         hidden_states = outputs.last_hidden_state
         if return_last_logit:
             hidden_states = hidden_states[:, -1:]
