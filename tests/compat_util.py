@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,15 @@ OFFICIAL_DEVICE_MAP_MODULES = (
 
 
 def build(root: Path, name: str, variant: str = "chatglm3-6b", tokenizer: bool = False, seed: int = 0) -> Path:
-    """A tiny model folder; with `tokenizer` it also holds the real tokenizer.model (skips without ../shared)."""
+    """A tiny model folder; with `tokenizer` it also holds the real tokenizer.model (skips without ../shared).
+
+    The folder name is unique per call: transformers 4.30 caches remote code under the folder's base name
+    (~/.cache/huggingface/modules/transformers_modules/<name>/) and never removes files there, so a reused name
+    could hide a module that the current code fails to copy."""
     if tokenizer:
         require_shared(TOKENIZER_MODEL)
-    return make_tiny_model(root / name, TOKENIZER_MODEL if tokenizer else None, variant, seed)
+    folder = root / f"{name}_{uuid.uuid4().hex[:8]}"
+    return make_tiny_model(folder, TOKENIZER_MODEL if tokenizer else None, variant, seed)
 
 
 def official_device_map(num_layers: int, device="cpu") -> dict:
