@@ -107,7 +107,7 @@ def test_chat_with_the_official_signature(glm3):
     assert history[0] == {"role": "user", "content": "你好"}
     assert history[-1]["role"] == "assistant"
     json.dumps(history, ensure_ascii=False)
-    response2, history2 = model.chat(tok, "再见", history=history, max_length=80, top_p=0.8, temperature=0.8)
+    response2, history2 = model.chat(tok, "再见", history, max_length=80, top_p=0.8, temperature=0.8)  # xinference
     assert history2[:len(history)] == history and len(history2) == len(history) + 2
     json.dumps(history2, ensure_ascii=False)
 
@@ -255,15 +255,19 @@ def test_stream_generate_openai_api_demo(glm3):
     assert isinstance(response, str)
 
 
-@pytest.mark.parametrize("eos", ["missing", "int", "list", "none"])
+@pytest.mark.parametrize("eos", ["missing", "int", "list", "none", "generation_config"])
 def test_stream_generate_stops_at_the_stop_token(glm3, eos):
-    """eos_token_id int | list | None; without it the model's generation_config.eos_token_id applies."""
+    """eos_token_id int | list | None; without it the eos_token_id of `generation_config` (argument, else the
+    model's) applies."""
+    from transformers import GenerationConfig
+
     model, tok = glm3
     inputs = tok.build_chat_input("你好")
     n = inputs["input_ids"].shape[1]
-    stop = {"missing": 64797, "int": 2, "list": 64795, "none": 64795}[eos]
+    stop = {"missing": 64797, "int": 2, "list": 64795, "none": 64795, "generation_config": 64796}[eos]
     kwargs = {"missing": {}, "int": {"eos_token_id": 2}, "list": {"eos_token_id": [2, 64795]},
-              "none": {"eos_token_id": None}}[eos]
+              "none": {"eos_token_id": None},
+              "generation_config": {"generation_config": GenerationConfig(eos_token_id=[64796], pad_token_id=0)}}[eos]
     forced = [30910, 30911, stop, 30912, 30913]
     last = None
     for last in model.stream_generate(**inputs, max_new_tokens=5, do_sample=False,
@@ -319,3 +323,18 @@ def test_composite_demo_stream_with_cache_and_seq_length(glm3):
     ids = torch.tensor([full[:cached] + tok.build_chat_input("再见").input_ids[0].tolist()])
     reference = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, eos_token_id=STOP3)
     assert second == reference[0, ids.shape[1]:].tolist()
+
+
+# ------------------------------------------------------------------------------------------------- generate
+def test_generate_with_the_tokenizer_output(glm3):
+    """README / FastChat / batch clients: `model.generate(**tokenizer([...], return_tensors="pt", padding=True))`,
+    position_ids included; each row as it would be alone. And `model.generate(**tokenizer.build_chat_input(...))`."""
+    model, tok = glm3
+    batch = tok(["你好", "hello there, how are you"], return_tensors="pt", padding=True)
+    assert "position_ids" in batch
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    alone = model.generate(**tok(["你好"], return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert out[0, -4:].tolist() == alone[0, -4:].tolist()
+    chat_inputs = tok.build_chat_input("你好", history=[], role="user").to(model.device)
+    out = model.generate(**chat_inputs, max_new_tokens=4, do_sample=False, eos_token_id=STOP3)
+    assert out[0, :chat_inputs["input_ids"].shape[1]].tolist() == chat_inputs["input_ids"][0].tolist()
