@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
+from transformers.utils import logging
 
 try:  # transformers >= 4.36
     from transformers.cache_utils import Cache as _HFCache
@@ -164,6 +165,15 @@ except ImportError:  # pragma: no cover - older torch
     _sdpa_kernel, CUDNN_BACKEND = None, None
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logging.get_logger(__name__).warning(message)
+
+
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
          is_causal: bool, dropout_p: float) -> torch.Tensor:
     """`F.scaled_dot_product_attention` with fewer key/value heads than query heads.
@@ -177,8 +187,8 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask:
             with _sdpa_kernel([CUDNN_BACKEND]):
                 return F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=dropout_p,
                                                       enable_gqa=group > 1)
-        except RuntimeError:  # no cuDNN kernel for this GPU/shape/dtype: the default choice below
-            pass
+        except RuntimeError as error:  # no cuDNN kernel for this GPU/shape/dtype: the default choice below
+            _warn_once(f"cuDNN attention unavailable ({str(error)[:200]}); using the default SDPA kernel")
     if group > 1 and not SDPA_ENABLE_GQA:
         key = key.repeat_interleave(group, dim=1)
         value = value.repeat_interleave(group, dim=1)
