@@ -68,7 +68,7 @@ def fast_path_supports(model: torch.nn.Module, kwargs: dict) -> bool:
         return False
     input_ids = kwargs.get("input_ids")
     return (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and not model.config.pre_seq_len
-            and not getattr(model.config, "quantization_bit", 0) and not model.training)
+            and not model.training)
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float

@@ -162,14 +162,27 @@ def eager_attention(query, key, value, mask, is_causal, dropout_p):
     return torch.matmul(probs, value)
 
 
+def decode_attention(query, key, value, mask):
+    """One query token per row: [b, heads, 1, d] against [b, kv_heads, k, d] → [b, heads, 1, d].
+
+    The query heads of each key/value group are folded into one [group, d] block, so every key/value head is read
+    once and never copied, and the product runs as two small batched matmuls: at 16 query rows the fused SDPA
+    kernels cost more to launch and tile than the arithmetic (measured in docs/performance.md).
+    """
+    b, heads, _, d = query.shape
+    folded = query.reshape(b, key.shape[1], heads // key.shape[1], d)
+    scores = torch.matmul(folded, key.transpose(-1, -2))
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * (1.0 / math.sqrt(d))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool \
+            else scores + mask
+    probs = scores.softmax(dim=-1).to(value.dtype)
+    return torch.matmul(probs, value).reshape(b, heads, 1, d)
+
+
 def sdpa_attention(query, key, value, mask, is_causal, dropout_p):
-    if query.shape[2] == 1 and key.shape[1] < query.shape[1]:
-        # One query token: fold the query heads of each key/value group into the query length, so every key/value
-        # head is read once and never copied.
-        b, heads, _, d = query.shape
-        folded = query.reshape(b, key.shape[1], heads // key.shape[1], d)
-        out = F.scaled_dot_product_attention(folded, key, value, attn_mask=mask, dropout_p=dropout_p)
-        return out.reshape(b, heads, 1, d)
+    if query.shape[2] == 1 and key.shape[1] < query.shape[1] and dropout_p == 0.0:
+        return decode_attention(query, key, value, mask)
     return sdpa(query, key, value, mask, is_causal, dropout_p)
 
 
