@@ -89,27 +89,85 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 
 
 class CompiledDecoder:
-    """One model's compiled decode step for a batch size and cache capacity (rebuilt when either changes)."""
+    """One model's decode step for a batch size and cache capacity (rebuilt when either changes).
+
+    Its state lives in device tensors it owns (the token to feed, its position, its cache slot, which cache slots
+    hold real keys), and a step advances that state itself, so on CUDA the whole step, bookkeeping included, is
+    captured once in a CUDA graph and each token costs one graph replay and no host synchronisation.
+    """
 
     def __init__(self, model: torch.nn.Module, batch: int, capacity: int, compile: bool):
         config = model.config
         param = next(model.parameters())
+        device = param.device
         self.model = model
-        self.batch, self.capacity = batch, capacity
+        self.batch, self.capacity, self.compiled = batch, capacity, compile
         self.cache = StaticKVCache(config.num_layers, batch, config.num_key_value_heads, config.kv_channels,
-                                   capacity, param.dtype, param.device)
-        self.step: Callable = self._step
-        self.compiled = compile
-        if compile:
-            mode = "reduce-overhead" if param.device.type == "cuda" else None
-            self.step = torch.compile(self._step, mode=mode, fullgraph=False, dynamic=False)
+                                   capacity, param.dtype, device)
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.use_graphs = compile and device.type == "cuda"
+        steps = {"logits": self._logits_step, "greedy": self._greedy_step}
+        self.steps = {k: torch.compile(f, fullgraph=False, dynamic=False) for k, f in steps.items()} if compile \
+            else steps
+        self.graphs: dict[str, tuple[Any, torch.Tensor]] = {}
 
-    def _step(self, token: torch.Tensor, position: torch.Tensor, cache_position: torch.Tensor,
-              key_valid: torch.Tensor) -> torch.Tensor:
-        """token, position [b, 1]; cache_position [1]; key_valid [b, capacity] → logits [b, vocab] float32."""
-        out = self.model(input_ids=token, position_ids=position, attention_mask=key_valid[:, None, None, :],
-                         past_key_values=self.cache, cache_position=cache_position, use_cache=True)
+    def start(self, token: torch.Tensor, position: torch.Tensor, slot: int, key_valid: torch.Tensor) -> None:
+        """Set the state for the first step: token, position [b, 1]; slot of that token; key_valid [b, :slot]."""
+        self.token.copy_(token)
+        self.position.copy_(position)
+        self.slot.fill_(slot)
+        self.key_valid.zero_()
+        self.key_valid[:, :slot] = key_valid
+
+    def _logits_step(self) -> torch.Tensor:
+        """Feed `token` at `position` into cache `slot`, advance position and slot → logits [b, vocab] float32."""
+        self.key_valid.index_fill_(1, self.slot, True)
+        out = self.model(input_ids=self.token, position_ids=self.position,
+                         attention_mask=self.key_valid[:, None, None, :], past_key_values=self.cache,
+                         cache_position=self.slot, use_cache=True)
+        self.position.add_(1)
+        self.slot.add_(1)
         return out.logits[:, -1].float()
+
+    def _greedy_step(self) -> torch.Tensor:
+        """A logits step whose argmax becomes the next token to feed → that token [b, 1]."""
+        self.token.copy_(self._logits_step().argmax(dim=-1, keepdim=True))
+        return self.token
+
+    def run(self, kind: str) -> torch.Tensor:
+        """One step of `kind` ('logits' or 'greedy'), replayed from a CUDA graph where one is used."""
+        if not self.use_graphs:
+            return self.steps[kind]()
+        if kind not in self.graphs:
+            self.graphs[kind] = self._capture(self.steps[kind])
+        graph, output = self.graphs[kind]
+        graph.replay()
+        return output
+
+    def _capture(self, step: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
+        """Warm up (compiling) on a side stream, capture one step; the state is restored around both, and the
+        keys/values the warm-up wrote are overwritten by the real step at the same slot."""
+        state = [t.clone() for t in (self.token, self.position, self.slot, self.key_valid)]
+
+        def restore() -> None:
+            for live, saved in zip((self.token, self.position, self.slot, self.key_valid), state):
+                live.copy_(saved)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+                restore()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = step()
+        restore()
+        return graph, output
 
 
 @torch.no_grad()
@@ -162,42 +220,41 @@ def fast_generate(
     compile = device.type == "cuda" if compile is None else compile
 
     decoder = _decoder_for(model, batch, min(_bucket(capacity), model.config.seq_length), compile)
-    cache = decoder.cache
-    cache.length = 0
+    decoder.cache.length = 0
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   past_key_values=cache, use_cache=True, return_last_logit=True).logits[:, -1].float()
-    cache.length = prompt_len
-    key_valid = torch.zeros(batch, decoder.capacity, dtype=torch.bool, device=device)
-    key_valid[:, :prompt_len] = attention_mask.bool()
+                   past_key_values=decoder.cache, use_cache=True, return_last_logit=True).logits[:, -1].float()
     eos_tensor = torch.tensor(eos, device=device, dtype=torch.long) if eos else None
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    position = position_ids[:, -1:].clone()
     out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
+    greedy_in_graph = not do_sample and (eos_tensor is None or min_new_tokens <= 1)
     produced = max_new_tokens
     for step in range(max_new_tokens):
-        if eos_tensor is not None and step < min_new_tokens:
-            logits[:, eos_tensor] = float("-inf")
-        token = sample_next(logits, do_sample, temperature, top_k, top_p)
-        token = torch.where(finished, torch.full_like(token, pad), token)
-        out[:, step] = token
-        if eos_tensor is not None:
-            finished |= torch.isin(token, eos_tensor)
-            if step % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 and bool(finished.all()):
-                produced = step + 1
-                break
+        if step == 0 or not greedy_in_graph:
+            if eos_tensor is not None and step < min_new_tokens:
+                logits[:, eos_tensor] = float("-inf")
+            token = sample_next(logits, do_sample, temperature, top_k, top_p)[:, None]
+            if step == 0:
+                decoder.start(token, position_ids[:, -1:] + 1, prompt_len, attention_mask.bool())
+            else:
+                decoder.token.copy_(token)
+        out[:, step:step + 1] = token
+        if eos_tensor is not None and step % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 \
+                and bool(torch.isin(out[:, :step + 1], eos_tensor).any(-1).all()):
+            produced = step + 1
+            break
         if step == max_new_tokens - 1:
             break
-        slot = prompt_len + step
-        key_valid[:, slot] = True
-        position += 1
-        cache_position = torch.full((1,), slot, dtype=torch.long, device=device)
-        logits = decoder.step(token[:, None].clone(), position.clone(), cache_position, key_valid)
-        cache.length = slot + 1
-    if eos_tensor is not None:  # end where the last row ended, as generate() does
-        hit = torch.isin(out[:, :produced], eos_tensor)
+        if greedy_in_graph:
+            token = decoder.run("greedy")
+        else:
+            logits = decoder.run("logits")
+    decoder.cache.length = 0  # the cache is scratch space of this call
+    out = out[:, :produced]
+    if eos_tensor is not None:  # pad after each row's end, and end where the last row ended, as generate() does
+        hit = torch.isin(out, eos_tensor)
+        out = out.masked_fill(hit.long().cumsum(-1) - hit.long() > 0, pad)
         if bool(hit.any(-1).all()):
-            produced = int(hit.float().argmax(-1).max()) + 1
-    return torch.cat([input_ids, out[:, :produced]], dim=1)
+            out = out[:, :int(hit.float().argmax(-1).max()) + 1]
+    return torch.cat([input_ids, out], dim=1)
 
 
 def _bucket(capacity: int) -> int:
