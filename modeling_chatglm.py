@@ -461,12 +461,15 @@ class ChatGLMPreTrainedModel(GradientCheckpointingMixin, PreTrainedModel):
         """transformers' from_pretrained; a P-tuning model (`pre_seq_len`) is frozen again after loading, except
         its prefix encoder (transformers >= 5 loads weights as new parameters with requires_grad=True)."""
         loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        if getattr(model.config, "pre_seq_len", None):
-            for name, param in model.named_parameters():
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_for_prefix_tuning()
+        return loaded
+
+    def freeze_for_prefix_tuning(self) -> None:
+        """P-tuning v2 (`pre_seq_len` set) trains only the prefix encoder: freeze every other parameter."""
+        if getattr(self.config, "pre_seq_len", None):
+            for name, param in self.named_parameters():
                 if "prefix_encoder." not in name:
                     param.requires_grad_(False)
-        return loaded
 
     @staticmethod
     def _accept_init_kwargs(config: ChatGLMConfig, kwargs: dict) -> None:
@@ -654,17 +657,10 @@ class ChatGLMForConditionalGeneration(ChatGLMChatMixin, ChatGLMPreTrainedModel, 
         self._accept_init_kwargs(config, kwargs)
         self.max_sequence_length = config.seq_length
         self.transformer = ChatGLMModel(config, device=device)
-        if config.pre_seq_len:
-            self._freeze_for_prefix_tuning()
+        self.freeze_for_prefix_tuning()
         if config.quantization_bit:
             self.quantize(config.quantization_bit, empty_init=True)
         self.post_init()
-
-    def _freeze_for_prefix_tuning(self) -> None:
-        """P-tuning v2 trains only the prefix encoder."""
-        for name, param in self.named_parameters():
-            if not name.startswith("transformer.prefix_encoder."):
-                param.requires_grad_(False)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.transformer.embedding.word_embeddings
@@ -796,10 +792,7 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         self.transformer = ChatGLMModel(config, device=device)
         self.classifier_head = nn.Linear(config.hidden_size, config.num_labels, bias=True, device=device)
         self.dropout = nn.Dropout(config.classifier_dropout) if config.classifier_dropout is not None else None
-        if config.pre_seq_len:
-            for name, param in self.named_parameters():
-                if not name.startswith("transformer.prefix_encoder."):
-                    param.requires_grad_(False)
+        self.freeze_for_prefix_tuning()
         self.post_init()
 
     def forward(

@@ -47,8 +47,15 @@ def tiny_model(seed: int = 0, **overrides):
 
     from chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
 
-    torch.manual_seed(seed)
     model = ChatGLMForConditionalGeneration(tiny_config(**overrides))
+    return randomize_weights(model, seed).eval()
+
+
+def randomize_weights(model, seed: int = 0):
+    """Overwrite every parameter like the golden models: norms 1 + 0.1·N, biases 0.05·N, the rest 0.15·N."""
+    import torch
+
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("layernorm.weight"):
@@ -57,7 +64,7 @@ def tiny_model(seed: int = 0, **overrides):
                 param.copy_(0.05 * torch.randn_like(param))
             else:
                 param.copy_(0.15 * torch.randn_like(param))
-    return model.eval()
+    return model
 
 
 def copy_code(folder: Path) -> Path:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from compat_util import build
+from conftest import randomize_weights
 
 from transformers import AutoModel, AutoTokenizer, LogitsProcessor  # noqa: E402
 
@@ -54,16 +55,7 @@ class ForceReply(LogitsProcessor):
 
 def _load(folder):
     model = AutoModel.from_pretrained(str(folder), trust_remote_code=True)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("layernorm.weight"):
-                param.copy_(1 + 0.1 * torch.randn_like(param))
-            elif name.endswith("bias"):
-                param.copy_(0.05 * torch.randn_like(param))
-            else:
-                param.copy_(0.15 * torch.randn_like(param))
-    return model.double().eval()
+    return randomize_weights(model, seed=0).double().eval()
 
 
 @pytest.fixture(scope="module")
