@@ -8,6 +8,7 @@ request needs nothing it lacks (see `fast_path_supports`), and a documented call
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -110,8 +111,11 @@ class CompiledDecoder:
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.use_graphs = compile and device.type == "cuda"
         steps = {"logits": self._logits_step, "greedy": self._greedy_step}
-        self.steps = {k: torch.compile(f, fullgraph=False, dynamic=False) for k, f in steps.items()} if compile \
-            else steps
+        # CHATGLM_COMPILE_MODE picks torch.compile's mode (e.g. "max-autotune-no-cudagraphs": slower to build,
+        # autotunes the matrix products); the CUDA graph is ours either way.
+        mode = os.environ.get("CHATGLM_COMPILE_MODE") or None
+        self.steps = {k: torch.compile(f, mode=mode, fullgraph=False, dynamic=False) for k, f in steps.items()} \
+            if compile else steps
         self.graphs: dict[str, tuple[Any, torch.Tensor]] = {}
 
     def start(self, token: torch.Tensor, position: torch.Tensor, slot: int, key_valid: torch.Tensor) -> None:
