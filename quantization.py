@@ -205,6 +205,77 @@ _tl = None
 _TRITON_KERNELS: Dict[str, object] = {}
 
 
+def _define_tc_helpers(triton, tl) -> Dict[str, object]:
+    """Dequantize helpers of the tensor-core GEMV (fp16 activations, M <= 16 rows padded to one 16-row MMA tile)."""
+    # Dequantizing costs about one instruction per weight: packed fp16 pairs are built with integer logic ops
+    # (a nibble / byte put into the mantissa of 1024.0, the 0x6400 "magic number"), then one f16x2 subtract or
+    # fma gives the exact integer value; the multiply-add runs on the tensor cores (mma, fp32 accumulation).
+    # pack=4: one 32-bit register holds 4 packed bytes, which is how the MMA operand layout already holds them.
+    @triton.jit
+    def _i4_hi_f16(w):
+        # high nibbles of 4 bytes -> 4 fp16: lop3 = (t & 0x00F000F0 ^ 0x0080..) | 0x6400.. = 1024 + 16*(v+8);
+        # then * 1/16 - 72 = v, exactly.
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, k, c;
+            prmt.b32 t0, $2, 0, 0x4140;
+            prmt.b32 t1, $2, 0, 0x4342;
+            lop3.b32 t0, t0, 0x00F000F0, 0x64806480, 0x6a;
+            lop3.b32 t1, t1, 0x00F000F0, 0x64806480, 0x6a;
+            mov.b32 k, 0x2C002C00;
+            mov.b32 c, 0xD480D480;
+            fma.rn.f16x2 $0, t0, k, c;
+            fma.rn.f16x2 $1, t1, k, c;
+            }""",
+            constraints="=r,=r,r", args=[w], dtype=tl.float16, is_pure=True, pack=4)
+
+    @triton.jit
+    def _i4_lo_f16(w):
+        # low nibbles of 4 bytes -> 4 fp16: 1024 + (v+8), minus 1032 = v, exactly.
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, k;
+            prmt.b32 t0, $2, 0, 0x4140;
+            prmt.b32 t1, $2, 0, 0x4342;
+            lop3.b32 t0, t0, 0x000F000F, 0x64086408, 0x6a;
+            lop3.b32 t1, t1, 0x000F000F, 0x64086408, 0x6a;
+            mov.b32 k, 0x64086408;
+            sub.rn.f16x2 $0, t0, k;
+            sub.rn.f16x2 $1, t1, k;
+            }""",
+            constraints="=r,=r,r", args=[w], dtype=tl.float16, is_pure=True, pack=4)
+
+    @triton.jit
+    def _i8_f16(w):
+        # 4 int8 -> 4 fp16: bytes ^ 0x80 into the low byte of 0x64xx = 1024 + (v+128), minus 1152 = v, exactly.
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, t0, t1, k;
+            xor.b32 t, $2, 0x80808080;
+            prmt.b32 t0, t, 0x64646464, 0x5140;
+            prmt.b32 t1, t, 0x64646464, 0x5342;
+            mov.b32 k, 0x64806480;
+            sub.rn.f16x2 $0, t0, k;
+            sub.rn.f16x2 $1, t1, k;
+            }""",
+            constraints="=r,=r,r", args=[w], dtype=tl.float16, is_pure=True, pack=4)
+
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter runs no PTX: the same values in plain Triton
+        @triton.jit
+        def _i4_hi_f16(w):
+            return (w.to(tl.int32) >> 4).to(tl.float16)
+
+        @triton.jit
+        def _i4_lo_f16(w):
+            return ((w.to(tl.int32) << 28) >> 28).to(tl.float16)
+
+        @triton.jit
+        def _i8_f16(w):
+            return w.to(tl.float16)
+
+    return dict(_i4_hi_f16=_i4_hi_f16, _i4_lo_f16=_i4_lo_f16, _i8_f16=_i8_f16)
+
+
 def _define_triton_kernels() -> None:
     """Define the Triton kernels (module globals ``triton``/``tl`` must be set first)."""
     triton, tl = _triton, _tl
@@ -320,12 +391,138 @@ def _define_triton_kernels() -> None:
         else:
             tl.store(out_ptr + offs_n[:, None] * KP + offs_k[None, :], (w.to(tl.float32) * s).to(dt), mask=mask)
 
-    _TRITON_KERNELS.update(gemv=_wo_gemv_kernel, mm=_wo_mm_kernel, dequant=_dequant_kernel)
+    # ---- tensor-core decode GEMV (fp16 activations): see _define_tc_helpers. The helpers are module globals
+    # (not closures) so that the Triton interpreter finds them too.
+    globals().update(_define_tc_helpers(triton, tl))
+
+    @triton.jit
+    def _wo_tc_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, p_ptr, M, N, KP, K_SPLIT, stride_xm, stride_wn, stride_ym,
+                      BITS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # acc[16, BLOCK_N] = x[16 (rows >= M masked), K] @ W^T over this program's K range (K_SPLIT packed bytes,
+        # a multiple of BLOCK_K; the last range is cut at KP unless EVEN_K). W tiles [BLOCK_K, BLOCK_N] of packed bytes are pipelined through shared memory
+        # (cp.async, num_stages) and dequantized in registers. int4: even input columns meet the high nibbles,
+        # odd ones the low nibbles (x loaded contiguously, then split). SPLIT_K > 1 writes fp32 partial sums
+        # p[pid_k, m, n] for _tc_reduce_kernel (fixed order: deterministic); else scale (+bias) and store y.
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_m = tl.arange(0, 16)
+        mask_m = offs_m < M
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        w_cols = w_ptr + offs_n[None, :] * stride_wn
+        k_lo = pid_k * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, KP)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            kk = k0 + offs_k
+            if EVEN_K:
+                w = tl.load(w_cols + kk[:, None], mask=mask_n[None, :], other=0)  # [BLOCK_K, BLOCK_N]
+            else:
+                w = tl.load(w_cols + kk[:, None], mask=mask_n[None, :] & (kk < k_hi)[:, None], other=0)
+            if BITS == 4:
+                k2 = 2 * k0 + tl.arange(0, 2 * BLOCK_K)
+                if EVEN_K:
+                    xmask = mask_m[:, None]
+                else:
+                    xmask = mask_m[:, None] & (k2 < 2 * k_hi)[None, :]
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k2[None, :], mask=xmask, other=0.0)
+                xe, xo = tl.split(tl.reshape(x, (16, BLOCK_K, 2)))
+                acc = tl.dot(xe, _i4_hi_f16(w), acc)
+                acc = tl.dot(xo, _i4_lo_f16(w), acc)
+            else:
+                if EVEN_K:
+                    xmask = mask_m[:, None]
+                else:
+                    xmask = mask_m[:, None] & (kk < k_hi)[None, :]
+                xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :], mask=xmask, other=0.0)
+                acc = tl.dot(xv, _i8_f16(w), acc)
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K == 1:
+            out = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if HAS_BIAS:
+                out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], out.to(y_ptr.dtype.element_ty),
+                     mask=mask)
+        else:
+            tl.store(p_ptr + (pid_k * M + offs_m[:, None]) * N + offs_n[None, :], acc, mask=mask)
+
+    @triton.jit
+    def _tc_reduce_kernel(p_ptr, s_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT_K: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        m = tl.program_id(1)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        acc = tl.load(p_ptr + m * N + offs, mask=mask, other=0.0)
+        for i in tl.static_range(1, SPLIT_K):
+            acc += tl.load(p_ptr + (i * M + m) * N + offs, mask=mask, other=0.0)
+        out = acc * tl.load(s_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + offs, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+    _TRITON_KERNELS.update(gemv=_wo_gemv_kernel, mm=_wo_mm_kernel, dequant=_dequant_kernel, tc=_wo_tc_kernel,
+                           tc_reduce=_tc_reduce_kernel)
+
+
+# Launch configurations of the tensor-core GEMV, per (out N, packed in KP, bits):
+# (BLOCK_N, BLOCK_K packed bytes, SPLIT_K, num_warps, num_stages), or all zeros for "use the CUDA-core GEMV".
+# Fixed per shape (no autotuning at run time, so
+# the launch is deterministic inside torch.compile / CUDA graphs). Shapes not listed use _tc_default_config.
+# Measured on an H200 (tools/quant_gpu_check.py --sweep, M = 1, CUDA graphs; docs/quantization.md): at the two
+# small ChatGLM-6B shapes (qkv 4608x4096, dense 4096x4096) both GEMVs sit at the same ~9 us launch/latency floor
+# and the CUDA-core one is a hair faster; the tensor-core one wins at dense_h_to_4h (27392x4096) and, split along
+# K, at dense_4h_to_h (4096x13696).
+_LEGACY = (0, 0, 0, 0, 0)
+TC_CONFIGS: Dict[Tuple[int, int, int], Tuple[int, int, int, int, int]] = {
+    (4608, 2048, 4): _LEGACY, (4096, 2048, 4): _LEGACY,
+    (27392, 2048, 4): (128, 128, 1, 4, 4), (4096, 6848, 4): (128, 128, 8, 4, 4),
+    (4608, 4096, 8): _LEGACY, (4096, 4096, 8): _LEGACY,
+    (27392, 4096, 8): (64, 128, 1, 4, 4), (4096, 13696, 8): (64, 128, 4, 4, 4),
+}
+TC_CONFIG_ENV = "CHATGLM_QUANT_TC_CONFIGS"  # optional JSON file {"N,KP,bits": [BN, BK, SPLIT, warps, stages]}
+
+
+def load_tc_configs(path: Optional[str] = None) -> None:
+    """Merge launch configurations from a JSON file (default: $CHATGLM_QUANT_TC_CONFIGS) into TC_CONFIGS.
+    Called once when the Triton backend loads (eagerly, never inside a compiled region)."""
+    path = path or os.environ.get(TC_CONFIG_ENV)
+    if not path:
+        return
+    try:
+        import json
+        with open(path) as fh:
+            for key, val in json.load(fh).items():
+                kn, kk, kb = (int(v) for v in key.split(","))
+                TC_CONFIGS[(kn, kk, kb)] = tuple(int(v) for v in val)  # type: ignore[assignment]
+    except Exception as exc:  # a bad tuning file is ignored, not fatal
+        logger.warning("ChatGLM quantization: ignoring tuning file %s (%s)", path, exc)
+
+
+def _tc_default_config(n: int, kp: int, bits: int) -> Tuple[int, int, int, int, int]:
+    """Shapes not in TC_CONFIGS: what measured best at the nearest 6B shape (few rows: split K; many: don't)."""
+    if n <= 8192:
+        return (64, 128, 4, 4, 4)
+    return (128, 128, 1, 4, 4) if bits == 4 else (64, 128, 1, 4, 4)
+
+
+def tc_config(n: int, kp: int, bits: int) -> Optional[Tuple[int, int, int, int, int]]:
+    """The launch configuration of the tensor-core GEMV for a packed weight [n, kp], or None if none fits."""
+    cfg = TC_CONFIGS.get((n, kp, bits)) or _tc_default_config(n, kp, bits)
+    block_n, block_k, split, warps, stages = cfg
+    if block_n == 0 or kp % 16:  # BLOCK_N 0: the CUDA-core GEMV is faster for this shape  # rows must stay 16-byte aligned for the vector loads
+        return None
+    while split > 1 and split * block_k > kp:
+        split //= 2
+    return (block_n, block_k, split, warps, stages)
 
 
 class TritonBackend(Backend):
-    """CUDA fp16/bf16. Small M: fused kernels reading packed weights (GEMV for M <= TRITON_GEMV_MAX_M, a
-    tensor-core tile kernel up to TRITON_FUSED_MAX_M). Larger M: one-pass Triton dequantize + cuBLAS."""
+    """CUDA fp16/bf16. Small M: fused kernels reading packed weights. M <= TRITON_GEMV_MAX_M (decode): with fp16
+    inputs on sm_80+ the tensor-core GEMV (``_wo_tc_kernel``, launch configuration per shape from TC_CONFIGS),
+    else / where TC_CONFIGS says so the CUDA-core GEMV; up to TRITON_FUSED_MAX_M a tensor-core tile kernel.
+    Larger M: one-pass Triton dequantize + cuBLAS."""
 
     name = "triton"
 
@@ -340,6 +537,35 @@ class TritonBackend(Backend):
         _tl = importlib.import_module("triton.language")
         if not _TRITON_KERNELS:
             _define_triton_kernels()
+        self.tc_enabled = (torch.cuda.get_device_capability() >= (8, 0)
+                           and os.environ.get(self.GEMV_ENV, "tc").strip().lower() != "legacy")
+        load_tc_configs()
+
+    # The tensor-core GEMV (fp16 only: its dequantization builds fp16 bit patterns; sm_80+ for mma and the
+    # f16x2 ops). "legacy" in $CHATGLM_QUANT_GEMV selects the CUDA-core GEMV instead (used for bf16 anyway).
+    GEMV_ENV = "CHATGLM_QUANT_GEMV"
+    tc_enabled = False  # set in _load: sm_80+ and not $CHATGLM_QUANT_GEMV=legacy
+
+    def use_tc(self, x: torch.Tensor) -> bool:
+        return self.tc_enabled and x.dtype == torch.float16
+
+    def tc_linear(self, x, weight, scale, bias, bits, cfg, y):
+        m = x.shape[0]
+        n, kp = weight.shape
+        block_n, block_k, split, warps, stages = cfg
+        b = bias if bias is not None else scale
+        k_split = -(-kp // (split * block_k)) * block_k  # packed bytes per split, a multiple of block_k
+        split = -(-kp // k_split)
+        partial = torch.empty(split * m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+        _TRITON_KERNELS["tc"][(_triton.cdiv(n, block_n), split)](
+            x, weight, scale, b, y, partial, m, n, kp, k_split, x.stride(0), weight.stride(0), y.stride(0),
+            BITS=bits, HAS_BIAS=bias is not None, SPLIT_K=split, EVEN_K=kp % k_split == 0, BLOCK_N=block_n,
+            BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        if split > 1:
+            _TRITON_KERNELS["tc_reduce"][(_triton.cdiv(n, 1024), m)](
+                partial, scale, b, y, m, n, y.stride(0), SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=1024,
+                num_warps=4)
+        return y
 
     def dequantize(self, weight: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
         n, kp = weight.shape
@@ -355,6 +581,10 @@ class TritonBackend(Backend):
             return F.linear(x, self.dequantize(weight, scale, bits, x.dtype), bias)
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
         b = bias if bias is not None else scale
+        if m <= TRITON_GEMV_MAX_M and self.use_tc(x):
+            cfg = tc_config(n, kp, bits)
+            if cfg is not None:
+                return self.tc_linear(x, weight, scale, bias, bits, cfg, y)
         if m <= TRITON_GEMV_MAX_M:
             grid = lambda meta: (m, _triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
             _TRITON_KERNELS["gemv"][grid](x, weight, scale, b, y, m, n, kp, x.stride(0), weight.stride(0),

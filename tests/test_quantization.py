@@ -477,3 +477,109 @@ def test_tiny_real_model_save_and_from_pretrained(tmp_path, bits):
         assert torch.equal(sd[name], value), name
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, expect)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tensor-core decode GEMV: launch-configuration table and the dequantization bit tricks (no GPU needed)
+# ----------------------------------------------------------------------------------------------------------
+def test_tc_config_table_and_defaults():
+    # measured table: the small 6B shapes use the CUDA-core GEMV (None), the large ones the tensor-core one
+    assert Q.tc_config(4608, 2048, 4) is None and Q.tc_config(4096, 4096, 8) is None
+    assert Q.tc_config(27392, 2048, 4) == (128, 128, 1, 4, 4)
+    assert Q.tc_config(4096, 6848, 4) == (128, 128, 8, 4, 4)
+    # unknown shapes get a default; split-K is clipped so that every split has at least one block
+    bn, bk, split, warps, stages = Q.tc_config(1024, 256, 4)
+    assert split * bk <= 256 and bn > 0 and warps in (4, 8)
+    assert Q.tc_config(64, 40, 8) is None  # rows not 16-byte aligned -> CUDA-core GEMV
+
+
+def test_load_tc_configs_file(tmp_path, caplog):
+    saved = dict(Q.TC_CONFIGS)
+    try:
+        good = tmp_path / "tc.json"
+        good.write_text('{"512,256,4": [32, 64, 2, 4, 3], "4608,2048,4": [64, 128, 4, 4, 4]}')
+        Q.load_tc_configs(str(good))
+        assert Q.tc_config(512, 256, 4) == (32, 64, 2, 4, 3)
+        assert Q.tc_config(4608, 2048, 4) == (64, 128, 4, 4, 4)
+        bad = tmp_path / "bad.json"
+        bad.write_text("{not json")
+        with caplog.at_level(logging.WARNING):
+            Q.load_tc_configs(str(bad))  # logged, not raised
+        assert "ignoring tuning file" in caplog.text
+    finally:
+        Q.TC_CONFIGS.clear()
+        Q.TC_CONFIGS.update(saved)
+
+
+def _prmt(a: int, b: int, sel: int) -> int:
+    by = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+    return sum(by[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
+
+
+def _lop3(a: int, b: int, c: int, lut: int) -> int:
+    return sum(((lut >> ((((a >> i) & 1) << 2) | (((b >> i) & 1) << 1) | ((c >> i) & 1))) & 1) << i
+               for i in range(32))
+
+
+def _f16(bits16: int) -> float:
+    return float(torch.tensor([bits16], dtype=torch.int32).to(torch.int16).view(torch.float16))
+
+
+def test_tc_dequant_bit_tricks_match_unpack():
+    """The PTX of the tensor-core GEMV (constants read from quantization.py) reproduces unpack() on every byte."""
+    src = (REPO / "quantization.py").read_text()
+    lops = re.findall(r"lop3\.b32 t0, t0, (0x[0-9A-Fa-f]+), (0x[0-9A-Fa-f]+), (0x[0-9a-f]+);", src)
+    (hi_mask, hi_c, lut), (lo_mask, lo_c, lut2) = [tuple(int(v, 16) for v in t) for t in lops[:2]]
+    assert lut == lut2 == 0x6A
+    byte_vals = torch.arange(-128, 128, dtype=torch.int8)
+    unpack_ref = Q.unpack(byte_vals[:, None], 4)  # [256, 2]: high, low nibble values
+    q8 = byte_vals.tolist()
+    for b in range(256):
+        word = b | (((b * 7 + 3) & 0xFF) << 8)  # two bytes in the low half, as prmt 0x4140 places them
+        t0 = _prmt(word, 0, 0x4140)
+        hi = _lop3(t0, hi_mask, hi_c, lut)
+        lo = _lop3(t0, lo_mask, lo_c, lut)
+        b_signed = b - 256 if b >= 128 else b
+        row = unpack_ref[b_signed + 128].tolist()
+        assert _f16(hi & 0xFFFF) / 16 - 72 == row[0]  # fma(t, 1/16, -72), exact in fp16
+        assert _f16(lo & 0xFFFF) - 1032 == row[1]
+        e0 = _prmt(word ^ 0x80808080, 0x64646464, 0x5140)
+        assert _f16(e0 & 0xFFFF) - 1152 == q8[b_signed + 128] == b_signed
+
+
+def test_tc_kernel_in_triton_interpreter():
+    """The tensor-core GEMV's indexing (N / K tails, split-K + reduce, M rows) in Triton's CPU interpreter."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+    code = r'''
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, sys.argv[1])
+import torch, triton, triton.language as tl
+import quantization as Q
+Q._triton, Q._tl = triton, tl
+Q._define_triton_kernels()
+be = Q.TritonBackend()
+torch.manual_seed(0)
+worst = 0.0
+for bits in (4, 8):
+    for n, k in [(48, 256), (40, 224)]:
+        kp = k * bits // 8
+        w = torch.randint(-128, 128, (n, kp), dtype=torch.int8)
+        s = (torch.rand(n) * 1e-2).half()
+        b = torch.randn(n).half()
+        wf = Q.dequantize(w, s, bits, torch.float32)
+        for m in (1, 3):
+            x = torch.randn(m, k).half()
+            ref = x.float() @ wf.T + b.float()
+            for cfg in [(16, 32, 1, 4, 1), (32, 32, 2, 4, 1), (16, 64, 3, 4, 1)]:
+                y = torch.empty(m, n, dtype=torch.float16)
+                be.tc_linear(x, w, s, b, bits, cfg, y)
+                worst = max(worst, float((y.float() - ref).norm() / ref.norm()))
+print("WORST", worst)
+'''
+    out = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    worst = float(out.stdout.split("WORST")[-1])
+    assert worst < 2e-3

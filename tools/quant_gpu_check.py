@@ -3,13 +3,18 @@
 dequantize-then-matmul reference, and decode-step timings (fp16 F.linear vs int8 / int4 per backend).
 
 Usage (from the repo root, on a CUDA machine):
-    python tools/quant_gpu_check.py [--out results.json] [--layers 28] [--model]
+    python tools/quant_gpu_check.py [--out results.json] [--layers 28] [--model] [--backends triton]
+    python tools/quant_gpu_check.py --sweep --configs-out tc_configs.json   # tune the tensor-core GEMV per shape
 
 Prints one JSON document (also written to --out). Sections:
   correctness: relative L2 error vs float32 reference, shapes (N, K) in {(4608, 4096), (4096, 4096),
                (27392, 4096), (4096, 13696)}, fp16 and bf16, M in {1, 3, 8, 32, 512}, bits 4 and 8.
   decode:      one "token" = the four encoder linears of every layer (x28, distinct weights) at M = 1, timed as
                CUDA-graph replays (GPU time) and eagerly (with Python overhead), median of repeats.
+  sweep:       (--sweep) every candidate launch configuration of the tensor-core GEMV (and the CUDA-core
+               "legacy" GEMV) per shape and bits at M = 1: checked against the reference at M = 1 and 3, timed
+               as CUDA-graph replays over enough distinct weight copies to defeat the L2; the fastest correct
+               configuration per shape is written to --configs-out (the format of $CHATGLM_QUANT_TC_CONFIGS).
   model:       (--model) the real ChatGLMForConditionalGeneration at the 6B shape with random weights: peak memory
                and eager greedy decode tokens/s for fp16, int8 and int4 (quantized layout built with empty_init).
 """
@@ -126,6 +131,15 @@ def time_decode(backends, layers=28, dtype=torch.float16):
                 for p, s, b, k in q[bits]:
                     be.linear(xs[k], p, s, b, bits)
             variants[f"int{bits} {name}"] = (step, weight_bytes[f"int{bits}"])
+            if name == "triton" and be.tc_enabled:
+                def legacy(be=be, bits=bits):
+                    be.tc_enabled = False
+                    try:
+                        for p, s, b, k in q[bits]:
+                            be.linear(xs[k], p, s, b, bits)
+                    finally:
+                        be.tc_enabled = True
+                variants[f"int{bits} triton-legacy"] = (legacy, weight_bytes[f"int{bits}"])
 
     results = {}
     for label, (fn, nbytes) in variants.items():
@@ -162,6 +176,98 @@ def time_decode(backends, layers=28, dtype=torch.float16):
     del fp, q
     torch.cuda.empty_cache()
     return results
+
+
+# Candidate launch configurations of the tensor-core GEMV: (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages).
+SWEEP = {bits: [(32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64, 128, 4, 4, 4), (128, 128, 1, 4, 4),
+                (128, 128, 2, 4, 4), (128, 128, 4, 4, 4), (128, 128, 8, 4, 4)] for bits in (4, 8)}
+
+
+def _graph_us(fn, calls):
+    """Median GPU time of one call of fn(i) (i = 0..calls-1, captured in one CUDA graph), in microseconds."""
+    for i in range(3):
+        fn(i)
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn(0)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i)
+    g.replay()
+    ms = _median_ms(g.replay, reps=5, inner=2)
+    del g
+    return ms * 1e3 / calls
+
+
+def sweep(configs_out=None, bits_list=(4, 8)):
+    be = Q.get_backend("triton")
+    if not be.load():
+        return {"error": be.error}
+    rows, best = [], {}
+    torch.manual_seed(0)
+    for bits in bits_list:
+        for (n, k), has_bias in zip(SHAPES, HAS_BIAS):
+            kp = k * bits // 8
+            nbytes = n * kp + 2 * n
+            copies = max(2, -(-200_000_000 // nbytes))
+            ws = [torch.randint(-128, 128, (n, kp), device="cuda", dtype=torch.int8) for _ in range(copies)]
+            ss = [(torch.rand(n, device="cuda") * 1e-3 + 1e-4).half() for _ in range(copies)]
+            bias = None  # bias costs nothing measurable; leaving it out halves the kernels to compile
+            xs = {m: torch.randn(m, k, device="cuda").half() for m in (1, 3)}
+            wref = Q.dequantize(ws[0], ss[0], bits, torch.float32)
+            refs = {m: x.float() @ wref.T + (bias.float() if bias is not None else 0) for m, x in xs.items()}
+            del wref
+            ys = {m: torch.empty(m, n, device="cuda", dtype=torch.float16) for m in (1, 3)}
+            cands = [("legacy", None)] + [("tc", c) for c in SWEEP[bits]]
+            for kind, cfg in cands:
+                row = dict(N=n, K=k, bits=bits, kind=kind, cfg=list(cfg) if cfg else None)
+                try:
+                    if kind == "legacy":
+                        def call(i, m=1):
+                            be.tc_enabled = False
+                            try:
+                                return be.linear(xs[m], ws[i % copies], ss[i % copies], bias, bits)
+                            finally:
+                                be.tc_enabled = True
+                    else:
+
+                        def call(i, m=1, cfg=cfg):
+                            return be.tc_linear(xs[m], ws[i % copies], ss[i % copies], bias, bits, cfg, ys[m])
+                    errs = [rel_err(call(0, m), refs[m]) for m in (1, 3)]
+                    row["rel_err"] = max(errs)
+                    row["ok"] = row["rel_err"] < 5e-3
+                    us = _graph_us(call, copies * max(1, 24 // copies))
+                    row["us"] = round(us, 2)
+                    row["GB_s"] = round(nbytes / us / 1e3, 1)
+                except Exception as exc:
+                    row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            good = [r for r in rows if r["N"] == n and r["K"] == k and r["bits"] == bits and r.get("ok")
+                    and r.get("us")]
+            if good:  # the legacy CUDA-core GEMV is written as [0, 0, 0, 0, 0] (TC_CONFIGS' "use legacy")
+                b = min(good, key=lambda r: r["us"])
+                best[f"{n},{kp},{bits}"] = b["cfg"] or [0, 0, 0, 0, 0]
+                if configs_out:  # after every shape, so that a run cut short keeps what it found
+                    Path(configs_out).write_text(json.dumps(best, indent=1))
+            del ws, ss
+            torch.cuda.empty_cache()
+    if configs_out:
+        Path(configs_out).write_text(json.dumps(best, indent=1))
+        Q.TC_CONFIGS.update({tuple(int(v) for v in key.split(",")): tuple(cfg) for key, cfg in best.items()})
+    summary = {}
+    for r in rows:
+        key = f"int{r['bits']} {r['N']}x{r['K']}"
+        leg = summary.setdefault(key, {})
+        if r["kind"] == "legacy":
+            leg["legacy_us"] = r.get("us")
+        elif r.get("ok") and (leg.get("tc_us") is None or r["us"] < leg["tc_us"]):
+            leg.update(tc_us=r["us"], tc_GB_s=r["GB_s"], tc_cfg=r["cfg"])
+    return {"best": best, "summary": summary, "rows": rows}
 
 
 def time_quantize():
@@ -240,6 +346,10 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--model", action="store_true", help="also time the real model at the 6B shape")
     ap.add_argument("--skip-correctness", action="store_true")
+    ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="tune the tensor-core GEMV per shape (see above)")
+    ap.add_argument("--configs-out", default=None, help="where --sweep writes the best configurations (JSON)")
+    ap.add_argument("--backends", nargs="*", default=None, help="only these backends (default: all that load)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("CUDA is required")
@@ -251,7 +361,13 @@ def main() -> None:
     except Exception as exc:
         report["triton"] = f"unavailable: {exc}"
     backends = Q.available_backends("cuda", torch.float16)
+    if args.backends:
+        backends = [b for b in backends if b in args.backends]
     report["backends"] = backends
+    if args.sweep:
+        report["sweep"] = sweep(args.configs_out)
+        print(json.dumps({"sweep_summary": report["sweep"].get("summary"), "best": report["sweep"].get("best")},
+                         indent=1), flush=True)
     report["backend_errors"] = {n: b.error for n, b in Q._BACKENDS.items() if b.error}
     if not args.skip_correctness:
         rows = check_correctness(backends)
@@ -262,14 +378,17 @@ def main() -> None:
             key = f"{r['backend']} int{r['bits']} {r['dtype']}"
             report["correctness_max_err"][key] = max(report["correctness_max_err"].get(key, 0), r.get("rel_err", 1.0))
         report["correctness"] = rows
-    report["quantize_time"] = time_quantize()
-    report["decode_linears_x%d_fp16" % args.layers] = time_decode(backends, args.layers)
+    report["tc_configs"] = {f"{n},{kp},{b}": list(Q.tc_config(n, kp, b) or ()) for (n, k) in SHAPES
+                            for b in (4, 8) for kp in (k * b // 8,)}
+    if not args.skip_decode:
+        report["quantize_time"] = time_quantize()
+        report["decode_linears_x%d_fp16" % args.layers] = time_decode(backends, args.layers)
     if args.model:
         report["model"] = model_decode()
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).write_text(text)
-    summary = {k: v for k, v in report.items() if k != "correctness"}
+    summary = {k: v for k, v in report.items() if k not in ("correctness", "sweep")}
     print(json.dumps(summary, indent=1))
 
 
