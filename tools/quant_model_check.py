@@ -27,10 +27,10 @@ def main() -> None:
     from chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
     from chatglm.quantization import available_backends, set_backend
 
-    config = ChatGLMConfig.from_pretrained(str(REPO / "variants" / args.variant))
     ids = torch.randint(10, 60000, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     for bits in args.bits:
         torch.manual_seed(0)
+        config = ChatGLMConfig.from_pretrained(str(REPO / "variants" / args.variant))  # quantize() records bits in it
         with torch.device("cuda"):
             model = ChatGLMForConditionalGeneration(config).half().eval()
         model.quantize(bits)
