@@ -356,7 +356,9 @@ def test_stream_generate_cache_and_unknown_kwargs(tiny_toks):
         position_ids=torch.arange(3).unsqueeze(0) + ids.shape[1] - 1, past_key_values=cache, max_new_tokens=3,
         do_sample=False, eos_token_id=never))
     full = torch.cat([ids[:, :-1], more], dim=1)
-    reference = model.generate(full, max_new_tokens=3, do_sample=False, eos_token_id=never, pad_token_id=0)
+    # an explicit mask: a generated id 0 (the pad id) must not be taken for padding by generate()
+    reference = model.generate(full, attention_mask=torch.ones_like(full), max_new_tokens=3, do_sample=False,
+                               eos_token_id=never, pad_token_id=0)
     assert torch.equal(official[-1][0, :3], more[0]) and torch.equal(official[-1][0, 3:], reference[0, full.shape[1]:])
 
 

@@ -123,10 +123,11 @@ def test_cache_continues_into_the_next_turn(model64):
                                  eos_token_id=None, pad_token_id=0)
     assert cache.get_seq_length() == sequences.shape[1] - 1  # everything but the last generated token
     turn2 = torch.cat([sequences, random_prompts(seed=8, lengths=(3,))[0][None]], dim=1)
-    continued = model64.generate(input_ids=turn2, past_key_values=cache, max_new_tokens=4, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
-    scratch = model64.generate(input_ids=turn2, max_new_tokens=4, do_sample=False, eos_token_id=None,
-                               pad_token_id=0)
+    mask = torch.ones_like(turn2)  # explicit: a generated id 0 (the pad id) must not be taken for padding
+    continued = model64.generate(input_ids=turn2, attention_mask=mask, past_key_values=cache, max_new_tokens=4,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+    scratch = model64.generate(input_ids=turn2, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)
     assert torch.equal(continued, scratch)
 
 
