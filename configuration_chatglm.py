@@ -47,6 +47,7 @@ class ChatGLMConfig(PretrainedConfig):
     """Configuration of a ChatGLM2/ChatGLM3 model; field names are the official ones."""
 
     model_type = "chatglm"
+    _auto_class = "AutoConfig"  # save_pretrained writes configuration_chatglm.py beside config.json
     attribute_map = {
         "num_hidden_layers": "num_layers",
         "vocab_size": "padded_vocab_size",

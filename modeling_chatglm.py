@@ -515,6 +515,19 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         past = past.view(batch_size, self.pre_seq_len, self.num_layers * 2, self.kv_heads, self.kv_channels)
         return self.dropout(past).permute(2, 0, 3, 1, 4)
 
+    def _check_legacy_cache(self, past_key_values: Any, batch_size: int) -> None:
+        """Tuples must be batch-first [batch, kv_heads, seq, head_dim] per layer; the official code's
+        sequence-first [seq, batch, kv_heads, head_dim] would otherwise be misread silently."""
+        key = past_key_values[0][0]
+        expected = (batch_size, self.kv_heads, self.kv_channels)
+        if len(past_key_values) != self.num_layers or (key.shape[0], key.shape[1], key.shape[3]) != expected:
+            raise ValueError(
+                f"past_key_values tuples must hold {self.num_layers} layers of (key, value), each [batch={batch_size}, "
+                f"kv_heads={self.kv_heads}, seq, head_dim={self.kv_channels}]; got {len(past_key_values)} layers of "
+                f"{tuple(key.shape)}. The official sequence-first layout converts with "
+                f"tuple((k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)) for k, v in past_key_values)."
+            )
+
     def _check_input_ids(self, input_ids: torch.LongTensor) -> None:
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
@@ -559,6 +572,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing; using use_cache=False")
             use_cache = False
 
+        if isinstance(past_key_values, (tuple, list)) and past_key_values:
+            self._check_legacy_cache(past_key_values, batch_size)
         cache = as_cache(past_key_values) if (use_cache or past_key_values is not None or self.pre_seq_len) else None
         prefix_len = self.pre_seq_len or 0
         if prefix_len and cache_length(cache) == 0:
@@ -651,6 +666,10 @@ class ChatGLMGenerationMixin(GenerationMixin):
 
 class ChatGLMForConditionalGeneration(ChatGLMChatMixin, ChatGLMPreTrainedModel, ChatGLMGenerationMixin):
     """ChatGLMModel plus the language-model head (`transformer.output_layer`), loss, generation hooks."""
+
+    # save_pretrained copies this package's code next to the weights on every transformers version (4.30 only
+    # does so for classes registered for an auto class), so a saved folder loads with trust_remote_code alone.
+    _auto_class = "AutoModel"
 
     def __init__(self, config: ChatGLMConfig, empty_init: bool = True, device=None, **kwargs):
         super().__init__(config)
@@ -784,6 +803,8 @@ class ChatGLMForConditionalGeneration(ChatGLMChatMixin, ChatGLMPreTrainedModel, 
 
 class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
     """Classifier on the final hidden state of the last position (real with left padding)."""
+
+    _auto_class = "AutoModelForSequenceClassification"
 
     def __init__(self, config: ChatGLMConfig, empty_init: bool = True, device=None, **kwargs):
         super().__init__(config)

@@ -284,3 +284,37 @@ def test_long_input_chunked_path_matches(monkeypatch, model64):
     step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
     torch.testing.assert_close(model64(input_ids=step, attention_mask=step_mask, past_key_values=chunked.past_key_values).logits,
                                model64(input_ids=step, attention_mask=step_mask, past_key_values=plain.past_key_values).logits)
+
+
+@torch.no_grad()
+def test_saved_folder_carries_the_code(tmp_path):
+    """save_pretrained writes the remote-code modules too (transformers 4.30 only does for registered classes), so
+    the folder loads with trust_remote_code and nothing else, and the auto_map keeps every entry."""
+    from transformers import AutoModel
+
+    model = tiny_model(seed=13)
+    model.save_pretrained(str(tmp_path))
+    for name in ("modeling_chatglm.py", "configuration_chatglm.py", "compat_chatglm.py", "decoding_chatglm.py",
+                 "quantization.py", "chat_chatglm.py", "chat_format.py"):
+        assert (tmp_path / name).is_file(), f"{name} not saved"
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModel"] == "modeling_chatglm.ChatGLMForConditionalGeneration"
+    assert auto_map["AutoModelForSequenceClassification"] == "modeling_chatglm.ChatGLMForSequenceClassification"
+    ids = torch.tensor([[11, 12, 13, 14]])
+    loaded = AutoModel.from_pretrained(str(tmp_path), trust_remote_code=True).eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_sequence_first_legacy_cache_is_refused_with_the_fix():
+    model = tiny_model()
+    ids = torch.tensor([[11, 12, 13, 14, 15]])
+    out = model(input_ids=ids[:, :4], use_cache=True)
+    cache = out.past_key_values
+    layers = [(layer.keys, layer.values) if hasattr(layer, "keys") else tuple(layer)[:2]
+              for layer in getattr(cache, "layers", cache)]
+    official = tuple((k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)) for k, v in layers)  # [seq, b, groups, d]
+    with pytest.raises(ValueError, match="permute"):
+        model(input_ids=ids[:, 4:], past_key_values=official)
+    converted = tuple((k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)) for k, v in official)
+    torch.testing.assert_close(model(input_ids=ids[:, 4:], past_key_values=converted).logits,
+                               model(input_ids=ids).logits[:, -1:])
