@@ -222,28 +222,18 @@ def test_golden_tokenizer_facts(family, cases, real3, real2):
     assert Path(tok.vocab_file).name == "tokenizer.model"
 
 
-def test_golden_encode_chatglm3(cases, real3):
+@pytest.mark.parametrize("family", ["chatglm3", "chatglm2"])
+def test_golden_encode(cases, real3, real2, family):
+    tok = real3 if family == "chatglm3" else real2
     for case in cases["encode"]["cases"]:
-        text, want = case["text"], case["chatglm3"]
-        ids = real3.encode(text)
-        ids_plain = real3.encode(text, add_special_tokens=False)
+        text, want = case["text"], case[family]
+        ids = tok.encode(text)
+        ids_plain = tok.encode(text, add_special_tokens=False)
         assert ids == want["encode"], text
         assert ids_plain == want["encode_no_special"], text
-        assert real3.tokenize(text) == want["tokenize"], text
-        assert real3.decode(ids) == want["decode_encode"], text
-        assert real3.decode(ids_plain) == want["decode_encode_no_special"], text
-
-
-def test_golden_encode_chatglm2(cases, real2):
-    for case in cases["encode"]["cases"]:
-        text, want = case["text"], case["chatglm2"]
-        ids = real2.encode(text)
-        ids_plain = real2.encode(text, add_special_tokens=False)
-        assert ids == want["encode"], text
-        assert ids_plain == want["encode_no_special"], text
-        assert real2.tokenize(text) == want["tokenize"], text
-        assert real2.decode(ids) == want["decode_encode"], text
-        assert real2.decode(ids_plain) == want["decode_encode_no_special"], text
+        assert tok.tokenize(text) == want["tokenize"], text
+        assert tok.decode(ids) == want["decode_encode"], text
+        assert tok.decode(ids_plain) == want["decode_encode_no_special"], text
 
 
 def test_golden_encode_special_tokens(cases, real3_special, real3):
