@@ -12,6 +12,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # The remote-code modules live flat at the repo top and import each other relatively, as transformers loads them.
 # Tests import them through a package named `chatglm` whose path is the repo top: `from chatglm.modeling_chatglm ...`.
+if str(REPO / "tools") not in sys.path:  # the command-line tools double as test helpers
+    sys.path.insert(0, str(REPO / "tools"))
 if "chatglm" not in sys.modules:
     _package = types.ModuleType("chatglm")
     _package.__path__ = [str(REPO)]

@@ -3,7 +3,6 @@ tiny sentencepiece model trained here (always run). Runs on transformers 4.30.2 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
 import types
@@ -21,6 +20,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from conftest import ASSETS, GOLDEN, REPO, TOKENIZER_MODEL, require_shared
 from chatglm import chat_format as cf
 from chatglm.tokenization_chatglm import BASE_HAS_CHAT_TEMPLATE, ChatGLMTokenizer
+from make_tiny_model import train_tiny_tokenizer  # tools/ (on sys.path through conftest)
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -105,29 +105,7 @@ CORPUS = [
 @pytest.fixture(scope="session")
 def tiny_model_file(tmp_path_factory) -> Path:
     """A ~480-piece BPE sentencepiece model shaped like the real one (byte fallback, identity normaliser)."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20),
-        model_writer=model,
-        vocab_size=480,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        hard_vocab_limit=False,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    path = tmp_path_factory.mktemp("tiny_sp") / "tokenizer.model"
-    path.write_bytes(model.getvalue())
-    return path
+    return train_tiny_tokenizer(tmp_path_factory.mktemp("tiny_sp") / "tokenizer.model", CORPUS)
 
 
 @pytest.fixture(scope="session")
