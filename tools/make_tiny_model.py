@@ -60,7 +60,7 @@ def make_tiny_model(out: Path, tokenizer_model: Path | None, variant: str = "cha
     config_dict = {**json.loads((source / "config.json").read_text()), **TINY}
     if tokenizer_model is not None and tokenizer_model.is_file():
         shutil.copy(tokenizer_model, out / "tokenizer.model")
-    else:
+    elif tokenizer_model is not None:  # asked for one that is not here: train a stand-in (None: no tokenizer)
         print(f"no tokenizer model at {tokenizer_model}: training a tiny sentencepiece model instead")
         train_tiny_tokenizer(out / "tokenizer.model")
         import sentencepiece as spm
