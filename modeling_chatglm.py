@@ -599,10 +599,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         hidden_states, all_hidden = self.encoder(inputs_embeds, rotary, mask, cache, output_hidden_states,
                                                  cache_position, input_is_scratch=input_ids is not None)
         presents = cache if use_cache else None
-        if not return_dict:
-            return tuple(v for v in (hidden_states, presents, all_hidden) if v is not None)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=presents,
-                                       hidden_states=all_hidden, attentions=None)
+        output = BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=presents,
+                                         hidden_states=all_hidden, attentions=None)
+        return output if return_dict else output.to_tuple()
 
     def _attention_inputs(self, attention_mask, position_ids, batch_size, query_len, past_len, prefix_len, device,
                           compiling) -> tuple[AttentionMask, torch.LongTensor]:
@@ -732,11 +731,9 @@ class ChatGLMForConditionalGeneration(ChatGLMChatMixin, ChatGLMPreTrainedModel, 
             shift_labels = labels[:, 1:].to(logits.device)
             loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                                    ignore_index=-100)
-        if not return_dict:
-            rest = tuple(v for v in (outputs.past_key_values, outputs.hidden_states) if v is not None)
-            return ((loss,) if loss is not None else ()) + (logits,) + rest
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states, attentions=None)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                        hidden_states=outputs.hidden_states, attentions=None)
+        return output if return_dict else output.to_tuple()
 
     def prepare_inputs_for_generation(
         self,
@@ -842,11 +839,9 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
         loss = None
         if labels is not None:
             loss = self._loss(logits, labels.to(logits.device))
-        if not return_dict:
-            rest = tuple(v for v in (outputs.past_key_values, outputs.hidden_states) if v is not None)
-            return ((loss,) if loss is not None else ()) + (logits,) + rest
-        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                                hidden_states=outputs.hidden_states, attentions=None)
+        output = SequenceClassifierOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                                  hidden_states=outputs.hidden_states, attentions=None)
+        return output if return_dict else output.to_tuple()
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.config.problem_type is None:

@@ -318,3 +318,15 @@ def test_sequence_first_legacy_cache_is_refused_with_the_fix():
     converted = tuple((k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3)) for k, v in official)
     torch.testing.assert_close(model(input_ids=ids[:, 4:], past_key_values=converted).logits,
                                model(input_ids=ids).logits[:, -1:])
+
+
+@torch.no_grad()
+def test_return_dict_false_gives_the_same_values_as_a_tuple():
+    model = tiny_model(seed=14)
+    ids = torch.tensor([[11, 12, 13, 14]])
+    as_dict = model(input_ids=ids, labels=ids, use_cache=True)
+    as_tuple = model(input_ids=ids, labels=ids, use_cache=True, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.loss)
+    torch.testing.assert_close(as_tuple[1], as_dict.logits)
+    assert as_tuple[2].get_seq_length() == 4
