@@ -37,7 +37,7 @@ from .chat_format import (
     validate_chatglm2_history,
     validate_chatglm3_history,
 )
-from .compat_chatglm import CACHE_TYPES, cache_length, new_dynamic_cache
+from .compat_chatglm import CACHE_TYPES, cache_length, crop_cache, new_dynamic_cache
 
 logger = logging.get_logger(__name__)
 
@@ -342,9 +342,8 @@ class ChatGLMChatMixin:
         common = min(_common_prefix(known[:held], ids), len(ids) - 1)
         if common == held:
             return cache
-        if common == 0 or not hasattr(cache, "crop"):
+        if common == 0 or not crop_cache(cache, common + prefix):
             return new_dynamic_cache()
-        cache.crop(common - held)  # a negative count removes that many positions from the end on every version
         return cache
 
     def stream_chat(self, tokenizer: Any, query: str, history: Optional[Sequence[Any]] = None, role: str = "user",

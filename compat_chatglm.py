@@ -121,6 +121,18 @@ def cache_layer(cache: Any, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]
     return cache.key_cache[layer_idx], cache.value_cache[layer_idx]
 
 
+def crop_cache(cache: Any, keep: int) -> bool:
+    """Keep the first `keep` positions of a growing cache, in place; False when the cache cannot be cropped.
+
+    A negative count (remove that many from the end) is the form `crop` accepts on every version: transformers
+    5.x rejects a positive length, and our KVCache slices either way.
+    """
+    if not hasattr(cache, "crop"):
+        return False
+    cache.crop(keep - cache_length(cache))
+    return True
+
+
 def cache_is_static(cache: Any) -> bool:
     """True for preallocated caches (StaticCache): their length is the allocation, not the content."""
     return bool(getattr(cache, "is_compileable", False)) and not isinstance(cache, KVCache)
@@ -230,8 +242,7 @@ def set_attn_implementation(config: Any, name: str) -> None:
 
 
 __all__: Sequence[str] = (
-    "KVCache", "CACHE_TYPES", "GenerationMixin", "GradientCheckpointingMixin", "as_cache", "cache_layer",
-    "cache_length",
-    "cache_is_static", "static_cache_capacity", "new_dynamic_cache", "reorder_cache", "is_compiling", "sdpa", "attn_implementation",
-    "set_attn_implementation",
+    "KVCache", "CACHE_TYPES", "GenerationMixin", "GradientCheckpointingMixin", "as_cache", "attn_implementation",
+    "cache_is_static", "cache_layer", "cache_length", "crop_cache", "is_compiling", "new_dynamic_cache",
+    "reorder_cache", "sdpa", "set_attn_implementation", "static_cache_capacity",
 )
