@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from .decode_kernels_chatglm import FusedDecodeStep, greedy_token
+
 # generate() arguments the fast path understands; anything else goes to transformers' generate().
 FAST_PATH_KWARGS = frozenset({
     "input_ids", "attention_mask", "position_ids", "max_new_tokens", "max_length", "min_new_tokens", "do_sample",
@@ -110,12 +112,16 @@ class CompiledDecoder:
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.use_graphs = compile and device.type == "cuda"
+        # Triton kernels with the small operations fused into the weight reads (CUDA, batch <= 16, plain or
+        # int8/int4 linears); None: the model's own forward, compiled.
+        self.fused = FusedDecodeStep.build(model, self.cache.keys, self.cache.values, batch, capacity) \
+            if compile or device.type != "cuda" else None
         steps = {"logits": self._logits_step, "greedy": self._greedy_step}
         # CHATGLM_COMPILE_MODE picks torch.compile's mode (e.g. "max-autotune-no-cudagraphs": slower to build,
         # autotunes the matrix products); the CUDA graph is ours either way.
         mode = os.environ.get("CHATGLM_COMPILE_MODE") or None
         self.steps = {k: torch.compile(f, mode=mode, fullgraph=False, dynamic=False) for k, f in steps.items()} \
-            if compile else steps
+            if compile and self.fused is None else steps
         self.graphs: dict[str, tuple[Any, torch.Tensor]] = {}
 
     def start(self, token: torch.Tensor, position: torch.Tensor, slot: int, key_valid: torch.Tensor) -> None:
@@ -129,6 +135,11 @@ class CompiledDecoder:
     def _logits_step(self) -> torch.Tensor:
         """Feed `token` at `position` into cache `slot`, advance position and slot → logits [b, vocab] float32."""
         self.key_valid.index_fill_(1, self.slot, True)
+        if self.fused is not None:
+            logits = self.fused(self.token, self.position, self.slot, self.key_valid)
+            self.position.add_(1)
+            self.slot.add_(1)
+            return logits
         out = self.model(input_ids=self.token, position_ids=self.position,
                          attention_mask=self.key_valid[:, None, None, :], past_key_values=self.cache,
                          cache_position=self.slot, use_cache=True)
@@ -138,7 +149,8 @@ class CompiledDecoder:
 
     def _greedy_step(self) -> torch.Tensor:
         """A logits step whose argmax becomes the next token to feed → that token [b, 1]."""
-        self.token.copy_(self._logits_step().argmax(dim=-1, keepdim=True))
+        logits = self._logits_step()
+        self.token.copy_(greedy_token(logits) if self.fused is not None else logits.argmax(dim=-1, keepdim=True))
         return self.token
 
     def run(self, kind: str) -> torch.Tensor:

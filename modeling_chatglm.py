@@ -39,6 +39,7 @@ from .compat_chatglm import (
     set_attn_implementation,
 )
 from .configuration_chatglm import ChatGLMConfig
+from .decode_kernels_chatglm import FUSED_ENV as _FUSED_ENV  # noqa: F401  (imported by decoding_chatglm)
 from .decoding_chatglm import fast_generate, fast_path_supports
 
 logger = logging.get_logger(__name__)

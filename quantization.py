@@ -276,6 +276,15 @@ def _define_tc_helpers(triton, tl) -> Dict[str, object]:
     return dict(_i4_hi_f16=_i4_hi_f16, _i4_lo_f16=_i4_lo_f16, _i8_f16=_i8_f16)
 
 
+def triton_dequant_helpers() -> Dict[str, object]:
+    """The dequantize helpers above as Triton functions, for kernels in other modules (decode_kernels_chatglm).
+    Sets this module's triton globals too: the helpers resolve `triton.language` through them."""
+    global _triton, _tl
+    _triton = importlib.import_module("triton")
+    _tl = importlib.import_module("triton.language")
+    return _define_tc_helpers(_triton, _tl)
+
+
 def _define_triton_kernels() -> None:
     """Define the Triton kernels (module globals ``triton``/``tl`` must be set first)."""
     triton, tl = _triton, _tl

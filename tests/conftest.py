@@ -19,6 +19,11 @@ if "chatglm" not in sys.modules:
     _package.__path__ = [str(REPO)]
     sys.modules["chatglm"] = _package
 
+# Without a GPU, Triton kernels (the fused decode step) are checked in Triton's interpreter on CPU tensors. The
+# switch must be set before anything imports triton (torch may, during collection), hence here.
+if not os.environ.get("CUDA_VISIBLE_DEVICES", "x") or not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SHARED = Path(os.environ.get("CHATGLM_SHARED", REPO.parent / "shared"))
 GOLDEN = SHARED / "golden"
 ASSETS = SHARED / "assets"

@@ -1,0 +1,141 @@
+"""The fused Triton decode step (decode_kernels_chatglm) computes what the model's own forward computes.
+
+On a machine without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, CPU tensors); with one they
+run compiled on CUDA. Both steps start from the same prefilled cache and are fed the same tokens, so logits and the
+cache entries they write can be compared step by step.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from test_modeling import left_pad, random_prompts
+
+pytest.importorskip("triton", reason="triton is not installed (pip install triton) -- the fused kernels need it")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it before triton is imported)",
+                allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def fused_on(monkeypatch):
+    monkeypatch.delenv("CHATGLM_FUSED_DECODE", raising=False)
+
+
+def _decoder(model, batch, capacity, fused):
+    from chatglm.decoding_chatglm import CompiledDecoder
+
+    previous = os.environ.get("CHATGLM_FUSED_DECODE")
+    os.environ["CHATGLM_FUSED_DECODE"] = "1" if fused else "0"
+    try:
+        decoder = CompiledDecoder(model, batch, capacity, compile=DEVICE == "cuda")
+    finally:
+        if previous is None:
+            del os.environ["CHATGLM_FUSED_DECODE"]
+        else:
+            os.environ["CHATGLM_FUSED_DECODE"] = previous
+    assert (decoder.fused is not None) == fused
+    return decoder
+
+
+def _prefill(model, decoder, ids, mask):
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    decoder.cache.length = 0
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=decoder.cache,
+                   use_cache=True, return_last_logit=True).logits[:, -1].float()
+    token = logits.argmax(-1, keepdim=True)
+    decoder.start(token, positions[:, -1:] + 1, ids.shape[1], mask.bool())
+    return token
+
+
+def _relative(a, b):
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+@pytest.mark.parametrize("bits,cuda_cores", [(16, False), (16, True), (8, False), (4, False)],
+                         ids=["fp16", "fp16-cuda-cores", "int8", "int4"])
+@pytest.mark.parametrize("padded", [False, True], ids=["one-row", "left-padded-batch"])
+@torch.no_grad()
+def test_fused_step_matches_model_forward(bits, cuda_cores, padded, monkeypatch):
+    from chatglm import decode_kernels_chatglm as kernels
+
+    if cuda_cores:  # the one-row CUDA-core GEMV variant (batches of several rows keep the tensor-core one)
+        monkeypatch.setattr(kernels, "_default_config", lambda *shape: (16, 32, 4, 2, 0))
+    model = tiny_model(seed=5).half().to(DEVICE)
+    if bits != 16:
+        model.quantize(bits, backend="torch")
+    prompts = random_prompts(seed=6) if padded else [random_prompts(seed=6)[0]]
+    ids, mask = left_pad(prompts)
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    batch, capacity, steps = ids.shape[0], ids.shape[1] + 24, 6
+    fused, plain = _decoder(model, batch, capacity, True), _decoder(model, batch, capacity, False)
+    token = _prefill(model, fused, ids, mask)
+    assert torch.equal(token, _prefill(model, plain, ids, mask))
+    for step in range(steps):
+        got, want = fused.run("logits").clone(), plain.run("logits").clone()
+        assert got.shape == want.shape == (batch, model.config.padded_vocab_size)
+        assert _relative(got, want) < 2e-2, f"step {step}"
+        slot = ids.shape[1] + step
+        for layer in range(model.config.num_layers):
+            assert _relative(fused.cache.keys[layer][:, :, slot], plain.cache.keys[layer][:, :, slot]) < 1e-2
+            assert _relative(fused.cache.values[layer][:, :, slot], plain.cache.values[layer][:, :, slot]) < 1e-2
+        token = want.argmax(-1, keepdim=True)  # both are fed the reference's choice
+        fused.token.copy_(token)
+        plain.token.copy_(token)
+    assert torch.equal(fused.position, plain.position) and torch.equal(fused.slot, plain.slot)
+
+
+@torch.no_grad()
+def test_fused_attention_merges_splits_over_a_long_cache():
+    """Many key splits (the merge by the last finishing split), padded keys ignored, slots past the current one
+    ignored even when they hold stale values."""
+    from chatglm.decode_kernels_chatglm import AttentionScratch, _load_triton, fused_attention
+
+    assert _load_triton()
+    torch.manual_seed(0)
+    batch, groups, group, d, capacity = 2, 2, 3, 16, 1500
+    slot = 1450
+    keys = torch.randn(batch, groups, capacity, d, device=DEVICE).half()
+    values = torch.randn(batch, groups, capacity, d, device=DEVICE).half()
+    query = torch.randn(batch, groups * group * d, device=DEVICE).half()
+    valid = torch.ones(batch, capacity, dtype=torch.bool, device=DEVICE)
+    valid[1, :37] = False  # left padding of row 1
+    scratch = AttentionScratch(batch, groups, group, d, capacity, torch.device(DEVICE))
+    assert scratch.splits > 4
+    out = torch.empty_like(query)
+    fused_attention(query, keys, values, valid.view(torch.uint8), torch.tensor([slot], device=DEVICE), scratch, out)
+
+    q = query.float().view(batch, groups, group, d)
+    k, v = keys[:, :, :slot + 1].float(), values[:, :, :slot + 1].float()
+    scores = torch.einsum("bghd,bgsd->bghs", q, k) / d ** 0.5
+    scores = scores.masked_fill(~valid[:, None, None, :slot + 1], float("-inf"))
+    want = torch.einsum("bghs,bgsd->bghd", scores.softmax(-1), v).reshape(batch, -1)
+    assert _relative(out, want) < 5e-3
+
+
+def test_greedy_token_is_the_first_maximum():
+    from chatglm.decode_kernels_chatglm import greedy_token
+
+    logits = torch.randn(3, 512)
+    logits[1, 300] = logits[1, 5] = 100.0  # a tie across blocks: the first index wins, as in torch.argmax
+    logits[2, 7] = logits[2, 9] = 100.0  # a tie inside a block
+    assert torch.equal(greedy_token(logits), logits.argmax(-1, keepdim=True))
+    assert greedy_token(logits)[:, 0].tolist()[1:] == [5, 7]
+
+
+def test_fused_step_declines_what_it_cannot_serve(monkeypatch):
+    from chatglm.decode_kernels_chatglm import unsupported_reason
+
+    model = tiny_model(seed=5).half().to(DEVICE)
+    assert unsupported_reason(model, 1) is None
+    assert "batch" in unsupported_reason(model, 17)
+    assert "dtype" in unsupported_reason(tiny_model(seed=5).to(DEVICE), 1)
+    monkeypatch.setenv("CHATGLM_FUSED_DECODE", "0")
+    assert "CHATGLM_FUSED_DECODE" in unsupported_reason(model, 1)
