@@ -39,6 +39,13 @@ EPI_STORE, EPI_RESIDUAL, EPI_SWIGLU, EPI_QKV = 0, 1, 2, 3
 ATTN_BLOCK = 64  # keys per inner step of the attention kernel
 MAX_SPLITS = 64  # key splits per (row, kv group); the merge kernel loads them all at once
 SSQ_STRIDE = 1024  # partial sums of squares per row: at least the programs of any residual GEMV
+# Programmatic dependent launch (sm_90+): 0 off; 1 each kernel lets its successor launch at once; 2 after its
+# main loop. The successor's launch and setup then overlap this kernel's tail. CHATGLM_FUSED_PDL overrides.
+PDL_MODE = 0
+
+
+def _pdl_launch() -> Dict[str, Any]:
+    return {"launch_pdl": True} if PDL_MODE else {}
 
 _KERNELS: Dict[str, Any] = {}
 triton = None
@@ -47,9 +54,12 @@ tl = None
 
 def _load_triton() -> bool:
     """Import Triton and define the kernels once; False (logged) where that fails."""
-    global triton, tl
+    global triton, tl, PDL_MODE
     if _KERNELS:
         return True
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    hopper = not interpreted and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+    PDL_MODE = int(os.environ.get("CHATGLM_FUSED_PDL", "2" if hopper else "0")) if not interpreted else 0
     try:
         triton = importlib.import_module("triton")
         tl = importlib.import_module("triton.language")
@@ -97,7 +107,28 @@ def _define_helpers() -> Dict[str, Any]:
                 acc = tl.dot(x, w.to(x.dtype), acc)
         return acc
 
-    return dict(_dot_tile=_dot_tile)
+    # Programmatic dependent launch: a kernel may be launched while its predecessor drains, and waits here
+    # (griddepcontrol.wait: the predecessor finished and its writes are visible) before touching anything the
+    # predecessor wrote -- or anything it reads, since the kernel after this one may already be running.
+    @triton.jit
+    def _wait_for_predecessor():
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+    @triton.jit
+    def _allow_successor():
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+    if os.environ.get("TRITON_INTERPRET") == "1":  # one program at a time: nothing to wait for
+        @triton.jit
+        def _wait_for_predecessor():
+            pass
+
+        @triton.jit
+        def _allow_successor():
+            pass
+
+    return dict(_dot_tile=_dot_tile, _wait_for_predecessor=_wait_for_predecessor, _allow_successor=_allow_successor)
 
 
 def _define_main_kernels() -> None:
@@ -109,9 +140,13 @@ def _define_main_kernels() -> None:
             stride_cb, stride_cg, stride_cs,
             BITS: tl.constexpr, IS_FP16: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
             EPILOGUE: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, USE_DOT: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+            PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # y[m, n] for m < M <= 16 and this program's BLOCK_N outputs n < N, over the whole K (no split-K, so the
         # epilogue sees finished sums). EPI_SWIGLU: rows n (gate) and N + n (up) of W, y = silu(gate) * up.
+        if PDL:
+            _wait_for_predecessor()
+        if PDL == 1:
+            _allow_successor()
         pid = tl.program_id(0)
         offs_m = tl.arange(0, 16)
         mask_m = offs_m < M
@@ -163,6 +198,8 @@ def _define_main_kernels() -> None:
             acc = tl.where(first, tl.sum(part, axis=0)[None, :], 0.0)
             if EPILOGUE == 2:
                 acc_up = tl.where(first, tl.sum(part_up, axis=0)[None, :], 0.0)
+        if PDL == 2:
+            _allow_successor()
         if BITS < 16:
             acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             if EPILOGUE == 2:
@@ -216,10 +253,14 @@ def _define_main_kernels() -> None:
     def _decode_attention_kernel(
             q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, part_ptr, stat_ptr,
             GROUPS, CHUNK, SPLITS, scale, stride_qb, stride_cb, stride_cg, stride_cs, stride_vb,
-            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+            PDL: tl.constexpr):
         # Program (b * GROUPS + g, split): the GROUP query heads of key/value group g of row b against cache slots
         # [split * CHUNK, (split + 1) * CHUNK) up to the current one. Partial results (max, sum, weighted values)
         # go to scratch for _attention_merge_kernel (a split past the current slot leaves max -1e30, sum 0).
+        if PDL:
+            _wait_for_predecessor()
+            _allow_successor()
         bg = tl.program_id(0)
         split = tl.program_id(1)
         b = bg // GROUPS
@@ -259,8 +300,11 @@ def _define_main_kernels() -> None:
     @triton.jit
     def _attention_merge_kernel(part_ptr, stat_ptr, out_ptr, GROUPS, SPLITS, stride_ob,
                                 GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                SPLITS_PAD: tl.constexpr):
+                                SPLITS_PAD: tl.constexpr, PDL: tl.constexpr):
         # Program (b, g, h): one query head's splits combined: one load of all their partial results.
+        if PDL:
+            _wait_for_predecessor()
+            _allow_successor()
         pid = tl.program_id(0)
         h = pid % GROUP
         bg = pid // GROUP
@@ -424,8 +468,8 @@ def fused_linear(x: torch.Tensor, linear: LinearWeights, out: torch.Tensor, epil
         rot.keys.stride(0) if rot else 0, rot.keys.stride(1) if rot else 0, rot.keys.stride(2) if rot else 0,
         BITS=linear.bits, IS_FP16=x.dtype == torch.float16, NORM=norm_weight is not None,
         HAS_BIAS=linear.bias is not None, EPILOGUE=epilogue, HEAD_DIM=rot.head_dim if rot else 16,
-        ROT_PAIRS=rot.head_dim // 4 if rot else 1, USE_DOT=use_dot, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps, num_stages=stages)
+        ROT_PAIRS=rot.head_dim // 4 if rot else 1, USE_DOT=use_dot, PDL=PDL_MODE, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=warps, num_stages=stages, **_pdl_launch())
     return out
 
 
@@ -453,11 +497,11 @@ def fused_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
         query, keys, values, key_valid, slot, scratch.partial, scratch.stats, scratch.groups, scratch.chunk,
         scratch.splits, scratch.head_dim ** -0.5, query.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
         key_valid.stride(0), GROUP=scratch.group, GROUP_PAD=scratch.group_pad, HEAD_DIM=scratch.head_dim,
-        BLOCK_S=ATTN_BLOCK, num_warps=4, num_stages=2)
+        BLOCK_S=ATTN_BLOCK, PDL=PDL_MODE, num_warps=4, num_stages=2, **_pdl_launch())
     _KERNELS["merge"][(batch * scratch.groups * scratch.group,)](
         scratch.partial, scratch.stats, out, scratch.groups, scratch.splits, out.stride(0), GROUP=scratch.group,
         GROUP_PAD=scratch.group_pad, HEAD_DIM=scratch.head_dim, SPLITS_PAD=triton.next_power_of_2(scratch.splits),
-        num_warps=4)
+        PDL=PDL_MODE, num_warps=4, **_pdl_launch())
     return out
 
 

@@ -83,6 +83,12 @@ def measure(name: str, model, args, cache: str, peer: bool) -> dict:
             result["decode_ms_per_step"] = round(1000 * (t_all - t_one) / (args.new - 1), 3)
             if args.device.startswith("cuda"):
                 result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            if cache == "static" and not peer:  # which decode step served the fast path, and why
+                from chatglm.decode_kernels_chatglm import unsupported_reason
+
+                decoder = getattr(model, "_chatglm_decoder", None)
+                result["fused_step"] = bool(decoder is not None and decoder.fused is not None)
+                result["fused_step_reason"] = unsupported_reason(model, args.batch)
     except Exception as error:  # a peer or cache kind the running versions lack: report, keep going
         result["error"] = f"{type(error).__name__}: {error}"[:300]
     print(json.dumps(result), flush=True)

@@ -202,8 +202,10 @@ def whole_step(results, profile):
             model = ChatGLMForConditionalGeneration(copy.deepcopy(config)).half().eval()  # quantize edits config
         if bits != 16:
             model.quantize(bits)
-        for fused in ((True, False) if bits == 16 else (True,)):
+        for fused, pdl in ([(True, 0), (True, 1), (True, 2), (False, 0)] if bits == 16 else [(True, 0), (True, 1),
+                                                                                              (True, 2)]):
             os.environ["CHATGLM_FUSED_DECODE"] = "1" if fused else "0"
+            D.PDL_MODE = pdl
             decoder = CompiledDecoder(model, 1, 1280, compile=True)
             ids = torch.randint(0, 60000, (1, 1024), device="cuda")
             with torch.no_grad():
@@ -219,15 +221,15 @@ def whole_step(results, profile):
                 end.record()
                 end.synchronize()
             ms = start.elapsed_time(end) / 200
-            if profile and bits in (16, 4) and fused:
+            if profile and bits in (16, 4) and fused and pdl == 1:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                     for _ in range(20):
                         decoder.run("greedy")
                     torch.cuda.synchronize()
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
-            results[f"step bits={bits} fused={fused}"] = {"ms": round(ms, 4), "tok_s": round(1000 / ms, 1)}
-            print(json.dumps({f"step bits={bits} fused={fused}": results[f"step bits={bits} fused={fused}"]}),
-                  flush=True)
+            name = f"step bits={bits} fused={fused} pdl={pdl}"
+            results[name] = {"ms": round(ms, 4), "tok_s": round(1000 / ms, 1)}
+            print(json.dumps({name: results[name]}), flush=True)
             del decoder
         del model
         torch.cuda.empty_cache()
