@@ -136,17 +136,21 @@ def sweep(configs_out, bits_list):
             res = torch.randn(1, n, device="cuda", dtype=torch.float16)
             out = torch.empty(1, n, device="cuda", dtype=torch.float32 if name == "logits" else torch.float16)
             key = (n, K, bits, epi)
+            # qkv, h_to_4h and the output layer run with the rmsnorm prologue in the model
+            norm = torch.ones(K, device="cuda", dtype=torch.float16) if name in ("qkv", "h_to_4h", "logits") else None
+            ssq = (D.row_sum_squares(x), 1) if norm is not None else None
             block_ks = (64, 128, 256, 512) if bits == 16 else (128, 256, 512, 1024)
             timings = []
             candidates = [(bn, bk, 4, st, 1) for bn, bk, st in itertools.product(
-                (16, 32, 64), block_ks[:3] if bits == 16 else block_ks[1:], (3, 4))]
+                (16, 32, 64, 128), block_ks[:3] if bits == 16 else block_ks[1:], (3, 4))]
             if bits == 16:  # the CUDA-core variant for one row
                 candidates += [(bn, bk, w, st, 0) for bn, bk, w, st in itertools.product(
                     (16, 32, 64), (64, 128, 256), (4, 8), (3, 4))]
             for cfg in candidates:
                 D.GEMV_CONFIGS[key] = cfg
                 try:
-                    us = graph_us(lambda i: D.fused_linear(x, lins[i % copies], out, epi, residual=res), copies * 2)
+                    us = graph_us(lambda i: D.fused_linear(x, lins[i % copies], out, epi, norm, residual=res,
+                                                           ssq_in=ssq), copies * 2)
                 except Exception:  # out of shared memory etc.
                     continue
                 timings.append((us, cfg))
