@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 FUSED_ENV = "CHATGLM_FUSED_DECODE"
 CONFIG_ENV = "CHATGLM_FUSED_CONFIGS"  # optional JSON {"N,K,bits,epilogue": [BLOCK_N, BLOCK_K, warps, stages, dot]}
 MAX_ROWS = 16  # batch rows per step: one tensor-core tile
+# Weight kinds the step takes. int4 kernels exist and are tested, but at batch 1 on an H200 the quantization
+# module's split-K tensor-core GEMV inside the compiled step is faster (377 vs 325 tok/s, docs/performance.md).
+FUSED_BITS = (16, 8)
 EPI_STORE, EPI_RESIDUAL, EPI_SWIGLU, EPI_QKV = 0, 1, 2, 3
 ATTN_BLOCK = 64  # keys per inner step of the attention kernel
 MAX_SPLITS = 64  # key splits per (row, kv group); the merge kernel loads them all at once
@@ -338,7 +341,7 @@ GEMV_CONFIGS: Dict[Tuple[int, int, int, int], Tuple[int, int, int, int, int]] = 
     (4096, 4096, 16, EPI_RESIDUAL): (32, 256, 4, 4, 1),  # dense
     (4608, 4096, 16, EPI_STORE): (64, 256, 4, 4, 1),  # qkv
     (4608, 4096, 16, EPI_QKV): (64, 256, 4, 4, 1),  # qkv
-    (65024, 4096, 16, EPI_STORE): (64, 256, 4, 3, 1),  # output
+    (65024, 4096, 16, EPI_STORE): (128, 256, 4, 3, 1),  # output
     (13696, 4096, 8, EPI_SWIGLU): (64, 256, 4, 3, 1),  # h_to_4h
     (4096, 13696, 8, EPI_RESIDUAL): (32, 512, 4, 4, 1),  # 4h_to_h
     (4096, 4096, 8, EPI_RESIDUAL): (32, 256, 4, 4, 1),  # dense
@@ -543,8 +546,11 @@ def unsupported_reason(model: nn.Module, batch: int) -> Optional[str]:
     for layer in model.transformer.encoder.layers:
         for module in (layer.self_attention.query_key_value, layer.self_attention.dense, layer.mlp.dense_h_to_4h,
                        layer.mlp.dense_4h_to_h):
-            if LinearWeights.of(module) is None:
+            weights = LinearWeights.of(module)
+            if weights is None:
                 return f"{type(module).__name__} linears"
+            if weights.bits not in FUSED_BITS:
+                return f"int{weights.bits} weights (the compiled step is faster for them)"
     if type(model.transformer.output_layer) is not nn.Linear:
         return "output layer is not a plain Linear"
     if not _load_triton():

@@ -68,6 +68,7 @@ def test_fused_step_matches_model_forward(bits, cuda_cores, padded, monkeypatch)
 
     if cuda_cores:  # the one-row CUDA-core GEMV variant (batches of several rows keep the tensor-core one)
         monkeypatch.setattr(kernels, "_default_config", lambda *shape: (16, 32, 4, 2, 0))
+    monkeypatch.setattr(kernels, "FUSED_BITS", (16, 8, 4))  # int4 is off by default (slower), kept correct
     model = tiny_model(seed=5).half().to(DEVICE)
     if bits != 16:
         model.quantize(bits, backend="torch")
@@ -139,3 +140,5 @@ def test_fused_step_declines_what_it_cannot_serve(monkeypatch):
     assert "dtype" in unsupported_reason(tiny_model(seed=5).to(DEVICE), 1)
     monkeypatch.setenv("CHATGLM_FUSED_DECODE", "0")
     assert "CHATGLM_FUSED_DECODE" in unsupported_reason(model, 1)
+    monkeypatch.delenv("CHATGLM_FUSED_DECODE")
+    assert "int4" in unsupported_reason(model.quantize(4, backend="torch"), 1)
