@@ -363,16 +363,9 @@ def _default_config(n: int, k: int, bits: int, epilogue: int) -> Tuple[int, int,
 
 def load_configs(path: Optional[str] = None) -> None:
     """Merge launch configurations from a JSON file (default: $CHATGLM_FUSED_CONFIGS) into GEMV_CONFIGS."""
-    path = path or os.environ.get(CONFIG_ENV)
-    if not path:
-        return
-    try:
-        import json
-        with open(path) as fh:
-            for key, val in json.load(fh).items():
-                GEMV_CONFIGS[tuple(int(v) for v in key.split(","))] = tuple(int(v) for v in val)  # type: ignore
-    except Exception as exc:  # a bad tuning file is ignored, not fatal
-        logger.warning("ChatGLM fused decode: ignoring tuning file %s (%s)", path, exc)
+    from .quantization import merge_launch_table
+
+    merge_launch_table(GEMV_CONFIGS, path or os.environ.get(CONFIG_ENV))
 
 
 def gemv_config(n: int, k: int, bits: int, epilogue: int, rows: int) -> Tuple[int, int, int, int, bool]:

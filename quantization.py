@@ -496,17 +496,21 @@ TC_CONFIG_ENV = "CHATGLM_QUANT_TC_CONFIGS"  # optional JSON file {"N,KP,bits": [
 def load_tc_configs(path: Optional[str] = None) -> None:
     """Merge launch configurations from a JSON file (default: $CHATGLM_QUANT_TC_CONFIGS) into TC_CONFIGS.
     Called once when the Triton backend loads (eagerly, never inside a compiled region)."""
-    path = path or os.environ.get(TC_CONFIG_ENV)
+    merge_launch_table(TC_CONFIGS, path or os.environ.get(TC_CONFIG_ENV))
+
+
+def merge_launch_table(table: Dict[tuple, tuple], path: Optional[str]) -> None:
+    """Merge a JSON tuning file {"a,b,...": [v, ...]} into a launch table keyed by int tuples (also used by
+    decode_kernels_chatglm). No path: nothing to do; a bad file is logged and ignored, never fatal."""
     if not path:
         return
     try:
         import json
         with open(path) as fh:
             for key, val in json.load(fh).items():
-                kn, kk, kb = (int(v) for v in key.split(","))
-                TC_CONFIGS[(kn, kk, kb)] = tuple(int(v) for v in val)  # type: ignore[assignment]
-    except Exception as exc:  # a bad tuning file is ignored, not fatal
-        logger.warning("ChatGLM quantization: ignoring tuning file %s (%s)", path, exc)
+                table[tuple(int(v) for v in key.split(","))] = tuple(int(v) for v in val)
+    except Exception as exc:
+        logger.warning("ChatGLM: ignoring tuning file %s (%s)", path, exc)
 
 
 def _tc_default_config(n: int, kp: int, bits: int) -> Tuple[int, int, int, int, int]:
