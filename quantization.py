@@ -276,12 +276,16 @@ def _define_tc_helpers(triton, tl) -> Dict[str, object]:
     return dict(_i4_hi_f16=_i4_hi_f16, _i4_lo_f16=_i4_lo_f16, _i8_f16=_i8_f16)
 
 
-def triton_dequant_helpers() -> Dict[str, object]:
-    """The dequantize helpers above as Triton functions, for kernels in other modules (decode_kernels_chatglm).
-    Sets this module's triton globals too: the helpers resolve `triton.language` through them."""
+def _import_triton() -> None:
+    """Set this module's `_triton` / `_tl` (the jit helpers and kernels resolve `triton.language` through them)."""
     global _triton, _tl
     _triton = importlib.import_module("triton")
     _tl = importlib.import_module("triton.language")
+
+
+def triton_dequant_helpers() -> Dict[str, object]:
+    """The dequantize helpers above as Triton functions, for kernels in other modules (decode_kernels_chatglm)."""
+    _import_triton()
     return _define_tc_helpers(_triton, _tl)
 
 
@@ -543,11 +547,9 @@ class TritonBackend(Backend):
         return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
     def _load(self):
-        global _triton, _tl
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available")
-        _triton = importlib.import_module("triton")
-        _tl = importlib.import_module("triton.language")
+        _import_triton()
         if not _TRITON_KERNELS:
             _define_triton_kernels()
         self.tc_enabled = (torch.cuda.get_device_capability() >= (8, 0)

@@ -21,7 +21,9 @@ if "chatglm" not in sys.modules:
 
 # Without a GPU, Triton kernels (the fused decode step) are checked in Triton's interpreter on CPU tensors. The
 # switch must be set before anything imports triton (torch may, during collection), hence here.
-if not os.environ.get("CUDA_VISIBLE_DEVICES", "x") or not Path("/dev/nvidia0").exists():
+import torch  # noqa: E402  (does not import triton)
+
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SHARED = Path(os.environ.get("CHATGLM_SHARED", REPO.parent / "shared"))
@@ -50,8 +52,6 @@ def tiny_config(**overrides):
 
 def tiny_model(seed: int = 0, **overrides):
     """A tiny random ChatGLMForConditionalGeneration in eval mode, weights scaled like the golden models."""
-    import torch
-
     from chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
 
     model = ChatGLMForConditionalGeneration(tiny_config(**overrides))
@@ -60,8 +60,6 @@ def tiny_model(seed: int = 0, **overrides):
 
 def randomize_weights(model, seed: int = 0):
     """Overwrite every parameter like the golden models: norms 1 + 0.1·N, biases 0.05·N, the rest 0.15·N."""
-    import torch
-
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -15,7 +15,6 @@ import copy
 import itertools
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,32 +28,13 @@ from full_shape_check import import_package  # noqa: E402
 import_package()
 import chatglm.decode_kernels_chatglm as D  # noqa: E402
 import chatglm.quantization as Q  # noqa: E402
+from quant_gpu_check import graph_us  # noqa: E402  (the same CUDA-graph timer as the quantization sweep)
 
 HIDDEN, FFN, HEADS, GROUPS, HEAD_DIM, VOCAB, LAYERS = 4096, 13696, 32, 2, 128, 65024, 28
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6))
-
-
-def graph_us(fn, calls: int, reps: int = 7) -> float:
-    """Median GPU time per call of fn(i), i < calls, all captured in one CUDA graph (µs)."""
-    for i in range(calls):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return statistics.median(times)
 
 
 def make_linear(K, n_out, bits, dtype, bias=False):

@@ -183,7 +183,7 @@ SWEEP = {bits: [(32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (64, 128, 2, 4, 4), (64,
                 (128, 128, 2, 4, 4), (128, 128, 4, 4, 4), (128, 128, 8, 4, 4)] for bits in (4, 8)}
 
 
-def _graph_us(fn, calls):
+def graph_us(fn, calls):
     """Median GPU time of one call of fn(i) (i = 0..calls-1, captured in one CUDA graph), in microseconds."""
     for i in range(3):
         fn(i)
@@ -240,7 +240,7 @@ def sweep(configs_out=None, bits_list=(4, 8)):
                     errs = [rel_err(call(0, m), refs[m]) for m in (1, 3)]
                     row["rel_err"] = max(errs)
                     row["ok"] = row["rel_err"] < 5e-3
-                    us = _graph_us(call, copies * max(1, 24 // copies))
+                    us = graph_us(call, copies * max(1, 24 // copies))
                     row["us"] = round(us, 2)
                     row["GB_s"] = round(nbytes / us / 1e3, 1)
                 except Exception as exc:
