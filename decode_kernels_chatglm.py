@@ -35,9 +35,8 @@ logger = logging.getLogger(__name__)
 FUSED_ENV = "CHATGLM_FUSED_DECODE"
 CONFIG_ENV = "CHATGLM_FUSED_CONFIGS"  # optional JSON {"N,K,bits,epilogue": [BLOCK_N, BLOCK_K, warps, stages, dot]}
 MAX_ROWS = 16  # batch rows per step: one tensor-core tile
-# Weight kinds the step takes. int4 kernels exist and are tested, but at batch 1 on an H200 the quantization
-# module's split-K tensor-core GEMV inside the compiled step is faster (377 vs 325 tok/s, docs/performance.md).
-FUSED_BITS = (16, 8)
+# Weight kinds the step takes (with split-K, fused int4 beats the compiled step: docs/performance.md).
+FUSED_BITS = (16, 8, 4)
 EPI_STORE, EPI_RESIDUAL, EPI_SWIGLU, EPI_QKV = 0, 1, 2, 3
 ATTN_BLOCK = 64  # keys per inner step of the attention kernel
 MAX_SPLITS = 64  # key splits per (row, kv group); the merge kernel loads them all at once
@@ -122,6 +121,12 @@ def _define_helpers() -> Dict[str, Any]:
         tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
                                   is_pure=False, pack=1)
 
+    # Split-K: a program publishes its partial sums, then counts itself in; the partials must be visible GPU-wide
+    # before the count (release), and the last program must see all of them after it (acquire).
+    @triton.jit
+    def _gpu_fence():
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
     if os.environ.get("TRITON_INTERPRET") == "1":  # one program at a time: nothing to wait for
         @triton.jit
         def _wait_for_predecessor():
@@ -131,26 +136,35 @@ def _define_helpers() -> Dict[str, Any]:
         def _allow_successor():
             pass
 
-    return dict(_dot_tile=_dot_tile, _wait_for_predecessor=_wait_for_predecessor, _allow_successor=_allow_successor)
+        @triton.jit
+        def _gpu_fence():
+            pass
+
+    return dict(_dot_tile=_dot_tile, _wait_for_predecessor=_wait_for_predecessor, _allow_successor=_allow_successor, _gpu_fence=_gpu_fence)
 
 
 def _define_main_kernels() -> None:
     @triton.jit
     def _fused_gemv_kernel(
             x_ptr, nw_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr, ssq_in_ptr, ssq_out_ptr,
-            cos_ptr, sin_ptr, pos_ptr, slot_ptr, kc_ptr, vc_ptr,
-            M, N, K, eps, stride_xm, stride_wn, stride_rm, stride_ym, PARTS_IN, SSQ_STRIDE, Q_SIZE, KV_SIZE,
+            cos_ptr, sin_ptr, pos_ptr, slot_ptr, kc_ptr, vc_ptr, part_ptr, count_ptr,
+            M, N, K, K_SPLIT, eps, stride_xm, stride_wn, stride_rm, stride_ym, PARTS_IN, SSQ_STRIDE, Q_SIZE, KV_SIZE,
             stride_cb, stride_cg, stride_cs,
             BITS: tl.constexpr, IS_FP16: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
             EPILOGUE: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, USE_DOT: tl.constexpr,
-            PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # y[m, n] for m < M <= 16 and this program's BLOCK_N outputs n < N, over the whole K (no split-K, so the
-        # epilogue sees finished sums). EPI_SWIGLU: rows n (gate) and N + n (up) of W, y = silu(gate) * up.
+            PDL: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Program (pid, pid_k): y[m, n] for m < M <= 16 and this program's BLOCK_N outputs n < N, summed over inputs
+        # [pid_k * K_SPLIT, +K_SPLIT). With SPLIT > 1 the programs of one output tile leave their partial sums in
+        # part_ptr [SPLIT, M, 2N] and the last of them to finish adds them up in a fixed order (deterministic) and
+        # runs the epilogue. EPI_SWIGLU: rows n (gate) and N + n (up) of W, y = silu(gate) * up.
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        k_lo = pid_k * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, K)
         if PDL:
             _wait_for_predecessor()
         if PDL == 1:
             _allow_successor()
-        pid = tl.program_id(0)
         offs_m = tl.arange(0, 16)
         mask_m = offs_m < M
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -170,7 +184,7 @@ def _define_main_kernels() -> None:
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         if USE_DOT:
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 kk = k0 + offs_k
                 x = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0.0)
                 if NORM:
@@ -185,7 +199,7 @@ def _define_main_kernels() -> None:
             part_up = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
             if NORM:
                 rstd0 = tl.sum(tl.where(offs_m == 0, rstd, 0.0), axis=0)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 kk = k0 + offs_k
                 x1 = tl.load(x_ptr + kk, mask=kk < K, other=0.0)
                 if NORM:
@@ -197,60 +211,79 @@ def _define_main_kernels() -> None:
                 if EPILOGUE == 2:
                     part_up += tl.load(w_rows + N * stride_wn + kk[:, None], mask=wmask, other=0.0).to(
                         tl.float32) * x1
-            first = (offs_m == 0)[:, None]
-            acc = tl.where(first, tl.sum(part, axis=0)[None, :], 0.0)
+            first_row = (offs_m == 0)[:, None]
+            acc = tl.where(first_row, tl.sum(part, axis=0)[None, :], 0.0)
             if EPILOGUE == 2:
-                acc_up = tl.where(first, tl.sum(part_up, axis=0)[None, :], 0.0)
+                acc_up = tl.where(first_row, tl.sum(part_up, axis=0)[None, :], 0.0)
         if PDL == 2:
             _allow_successor()
-        if BITS < 16:
-            acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            if EPILOGUE == 2:
-                acc_up = acc_up * tl.load(s_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            if EPILOGUE == 2:
-                acc_up += tl.load(b_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
-        y_tile = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        if EPILOGUE == 0:
-            tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=mask)
-        elif EPILOGUE == 1:  # the branch is rounded to the model dtype before the residual add, as unfused
-            res = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
-            out = (res.to(tl.float32) + acc.to(dt).to(tl.float32)).to(dt)
-            tl.store(y_tile, out, mask=mask)
-            # this program's share of the next rmsnorm: sum of squares of its columns, one slot per program
-            # (summed in a fixed order by the consumer, so the result does not depend on scheduling)
-            sq = out.to(tl.float32)
-            tl.store(ssq_out_ptr + offs_m * SSQ_STRIDE + pid, tl.sum(sq * sq, axis=1), mask=mask_m)
-        elif EPILOGUE == 2:
-            gate = acc.to(dt).to(tl.float32)
-            up = acc_up.to(dt).to(tl.float32)
-            tl.store(y_tile, (gate / (1.0 + tl.exp(-gate)) * up).to(dt), mask=mask)
-        else:  # EPI_QKV: rotary on interleaved pairs of the first 2*ROT_PAIRS dims of each q and k head
-            out = acc.to(dt).to(tl.float32)
-            even, odd = tl.split(tl.reshape(out, (16, BLOCK_N // 2, 2)))
-            n_even = pid * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)
-            pair = (n_even % HEAD_DIM) // 2
-            rotates = (pair < ROT_PAIRS) & (n_even < Q_SIZE + KV_SIZE)
-            pos = tl.load(pos_ptr + offs_m, mask=mask_m, other=0)
-            table = pos[:, None] * ROT_PAIRS + pair[None, :]
-            tmask = mask_m[:, None] & rotates[None, :]
-            cos = tl.load(cos_ptr + table, mask=tmask, other=1.0)
-            sin = tl.load(sin_ptr + table, mask=tmask, other=0.0)
-            out = tl.reshape(tl.join(even * cos - odd * sin, odd * cos + even * sin), (16, BLOCK_N))
-            out = out.to(dt)
-            tl.store(y_tile, out, mask=mask & (offs_n < Q_SIZE)[None, :])
-            slot = tl.load(slot_ptr)
-            kv = offs_n - Q_SIZE
-            is_v = kv >= KV_SIZE
-            kv = tl.where(is_v, kv - KV_SIZE, kv)
-            kv = tl.where(kv < 0, 0, kv)
-            cache_off = (offs_m[:, None] * stride_cb + (kv // HEAD_DIM)[None, :] * stride_cg + slot * stride_cs
-                         + (kv % HEAD_DIM)[None, :])
-            is_k = (offs_n >= Q_SIZE) & (offs_n < Q_SIZE + KV_SIZE)
-            tl.store(kc_ptr + cache_off, out, mask=mask & is_k[None, :])
-            tl.store(vc_ptr + cache_off, out, mask=mask & is_v[None, :])
+        last = True
+        if SPLIT > 1:
+            parts = part_ptr + offs_m[:, None] * (2 * N) + offs_n[None, :]
+            tl.store(parts + pid_k * M * 2 * N, acc, mask=mask)
+            if EPILOGUE == 2:
+                tl.store(parts + pid_k * M * 2 * N + N, acc_up, mask=mask)
+            _gpu_fence()
+            tl.debug_barrier()
+            last = tl.atomic_add(count_ptr + pid, 1) == SPLIT - 1
+            if last:
+                _gpu_fence()
+                acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+                acc_up = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+                for i in tl.static_range(SPLIT):
+                    acc += tl.load(parts + i * M * 2 * N, mask=mask, other=0.0, cache_modifier=".cg")
+                    if EPILOGUE == 2:
+                        acc_up += tl.load(parts + i * M * 2 * N + N, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(count_ptr + pid, 0)  # ready for the next launch
+        if last:
+            if BITS < 16:
+                acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                if EPILOGUE == 2:
+                    acc_up = acc_up * tl.load(s_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                if EPILOGUE == 2:
+                    acc_up += tl.load(b_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            y_tile = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+            if EPILOGUE == 0:
+                tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=mask)
+            elif EPILOGUE == 1:  # the branch is rounded to the model dtype before the residual add, as unfused
+                res = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+                out = (res.to(tl.float32) + acc.to(dt).to(tl.float32)).to(dt)
+                tl.store(y_tile, out, mask=mask)
+                # this tile's share of the next rmsnorm: sum of squares of its columns, one slot per tile
+                # (summed in a fixed order by the consumer, so the result does not depend on scheduling)
+                sq = out.to(tl.float32)
+                tl.store(ssq_out_ptr + offs_m * SSQ_STRIDE + pid, tl.sum(sq * sq, axis=1), mask=mask_m)
+            elif EPILOGUE == 2:
+                gate = acc.to(dt).to(tl.float32)
+                up = acc_up.to(dt).to(tl.float32)
+                tl.store(y_tile, (gate / (1.0 + tl.exp(-gate)) * up).to(dt), mask=mask)
+            else:  # EPI_QKV: rotary on interleaved pairs of the first 2*ROT_PAIRS dims of each q and k head
+                out = acc.to(dt).to(tl.float32)
+                even, odd = tl.split(tl.reshape(out, (16, BLOCK_N // 2, 2)))
+                n_even = pid * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)
+                pair = (n_even % HEAD_DIM) // 2
+                rotates = (pair < ROT_PAIRS) & (n_even < Q_SIZE + KV_SIZE)
+                pos = tl.load(pos_ptr + offs_m, mask=mask_m, other=0)
+                table = pos[:, None] * ROT_PAIRS + pair[None, :]
+                tmask = mask_m[:, None] & rotates[None, :]
+                cos = tl.load(cos_ptr + table, mask=tmask, other=1.0)
+                sin = tl.load(sin_ptr + table, mask=tmask, other=0.0)
+                out = tl.reshape(tl.join(even * cos - odd * sin, odd * cos + even * sin), (16, BLOCK_N))
+                out = out.to(dt)
+                tl.store(y_tile, out, mask=mask & (offs_n < Q_SIZE)[None, :])
+                slot = tl.load(slot_ptr)
+                kv = offs_n - Q_SIZE
+                is_v = kv >= KV_SIZE
+                kv = tl.where(is_v, kv - KV_SIZE, kv)
+                kv = tl.where(kv < 0, 0, kv)
+                cache_off = (offs_m[:, None] * stride_cb + (kv // HEAD_DIM)[None, :] * stride_cg + slot * stride_cs
+                             + (kv % HEAD_DIM)[None, :])
+                is_k = (offs_n >= Q_SIZE) & (offs_n < Q_SIZE + KV_SIZE)
+                tl.store(kc_ptr + cache_off, out, mask=mask & is_k[None, :])
+                tl.store(vc_ptr + cache_off, out, mask=mask & is_v[None, :])
 
     @triton.jit
     def _decode_attention_kernel(
@@ -331,34 +364,34 @@ def _define_main_kernels() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Launch configurations
 # ---------------------------------------------------------------------------------------------------------------
-# (BLOCK_N, BLOCK_K, num_warps, num_stages, tensor cores 0/1) per (N, K, bits, epilogue); shapes not listed use
-# `_default_config`. The CUDA-core variant (last entry 0) serves one row of fp16/bf16 weights only.
-# Fixed per shape (no run-time autotuning) so launches are deterministic inside CUDA graphs. Measured on an H200
-# with tools/fused_decode_check.py --sweep (docs/performance.md).
-GEMV_CONFIGS: Dict[Tuple[int, int, int, int], Tuple[int, int, int, int, int]] = {
-    (13696, 4096, 16, EPI_SWIGLU): (64, 128, 4, 3, 1),  # h_to_4h
-    (4096, 13696, 16, EPI_RESIDUAL): (32, 256, 4, 4, 1),  # 4h_to_h
-    (4096, 4096, 16, EPI_RESIDUAL): (32, 256, 4, 4, 1),  # dense
-    (4608, 4096, 16, EPI_STORE): (64, 256, 4, 4, 1),  # qkv
-    (4608, 4096, 16, EPI_QKV): (64, 256, 4, 4, 1),  # qkv
-    (65024, 4096, 16, EPI_STORE): (128, 256, 4, 3, 1),  # output
-    (13696, 4096, 8, EPI_SWIGLU): (64, 256, 4, 3, 1),  # h_to_4h
-    (4096, 13696, 8, EPI_RESIDUAL): (32, 512, 4, 4, 1),  # 4h_to_h
-    (4096, 4096, 8, EPI_RESIDUAL): (32, 256, 4, 4, 1),  # dense
-    (4608, 4096, 8, EPI_STORE): (64, 512, 4, 3, 1),  # qkv
-    (4608, 4096, 8, EPI_QKV): (64, 512, 4, 3, 1),  # qkv
-    (13696, 4096, 4, EPI_SWIGLU): (64, 256, 4, 3, 1),  # h_to_4h
-    (4096, 13696, 4, EPI_RESIDUAL): (32, 512, 4, 4, 1),  # 4h_to_h
-    (4096, 4096, 4, EPI_RESIDUAL): (32, 512, 4, 3, 1),  # dense
-    (4608, 4096, 4, EPI_STORE): (64, 512, 4, 3, 1),  # qkv
-    (4608, 4096, 4, EPI_QKV): (64, 512, 4, 3, 1),  # qkv
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, tensor cores 0/1, split-K) per (N, K, bits, epilogue); shapes not listed
+# use `_default_config`, a missing split-K entry means 1. The CUDA-core variant (tensor cores 0) serves one row of
+# fp16/bf16 weights only. Fixed per shape (no run-time autotuning) so launches are deterministic inside CUDA graphs.
+# Measured on an H200 with tools/fused_decode_check.py --sweep (docs/performance.md).
+GEMV_CONFIGS: Dict[Tuple[int, ...], Tuple[int, ...]] = {
+    (4608, 4096, 16, EPI_STORE): (16, 128, 4, 4, 0, 4),  # qkv
+    (4608, 4096, 16, EPI_QKV): (16, 128, 4, 4, 0, 4),  # qkv
+    (4096, 4096, 16, EPI_RESIDUAL): (32, 256, 4, 4, 1, 1),  # dense
+    (4096, 13696, 16, EPI_RESIDUAL): (64, 256, 4, 4, 1, 2),  # 4h_to_h
+    (13696, 4096, 16, EPI_SWIGLU): (64, 256, 4, 3, 1, 1),  # h_to_4h
+    (65024, 4096, 16, EPI_STORE): (128, 256, 4, 3, 1, 1),  # output
+    (4608, 4096, 8, EPI_STORE): (64, 256, 4, 3, 1, 4),  # qkv
+    (4608, 4096, 8, EPI_QKV): (64, 256, 4, 3, 1, 4),  # qkv
+    (4096, 4096, 8, EPI_RESIDUAL): (64, 256, 4, 3, 1, 4),  # dense
+    (4096, 13696, 8, EPI_RESIDUAL): (64, 256, 4, 3, 1, 8),  # 4h_to_h
+    (13696, 4096, 8, EPI_SWIGLU): (64, 256, 4, 3, 1, 1),  # h_to_4h
+    (4608, 4096, 4, EPI_STORE): (64, 256, 4, 3, 1, 4),  # qkv
+    (4608, 4096, 4, EPI_QKV): (64, 256, 4, 3, 1, 4),  # qkv
+    (4096, 4096, 4, EPI_RESIDUAL): (32, 256, 4, 3, 1, 4),  # dense
+    (4096, 13696, 4, EPI_RESIDUAL): (64, 256, 4, 3, 1, 8),  # 4h_to_h
+    (13696, 4096, 4, EPI_SWIGLU): (64, 256, 4, 3, 1, 1),  # h_to_4h
 }
 
 
-def _default_config(n: int, k: int, bits: int, epilogue: int) -> Tuple[int, int, int, int, int]:
+def _default_config(n: int, k: int, bits: int, epilogue: int) -> Tuple[int, ...]:
     block_k = 256 if bits == 16 else 512
     block_n = 64 if n >= 16384 else 32
-    return block_n, block_k, 4, 3, 1
+    return block_n, block_k, 4, 3, 1, 1
 
 
 def load_configs(path: Optional[str] = None) -> None:
@@ -368,13 +401,30 @@ def load_configs(path: Optional[str] = None) -> None:
     merge_launch_table(GEMV_CONFIGS, path or os.environ.get(CONFIG_ENV))
 
 
-def gemv_config(n: int, k: int, bits: int, epilogue: int, rows: int) -> Tuple[int, int, int, int, bool]:
+@dataclass
+class GemvLaunch:
+    """How `fused_linear` launches one shape: a (tiles, splits) grid, each program BLOCK_N outputs by k_split
+    inputs."""
+
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    use_dot: bool
+    splits: int
+    k_split: int
+    tiles: int
+
+
+def gemv_config(n: int, k: int, bits: int, epilogue: int, rows: int) -> GemvLaunch:
     """Launch configuration of `fused_linear` for an output of n, input k, `rows` batch rows."""
-    block_n, block_k, warps, stages, dot = GEMV_CONFIGS.get((n, k, bits, epilogue)) or \
+    block_n, block_k, warps, stages, dot, *rest = GEMV_CONFIGS.get((n, k, bits, epilogue)) or \
         _default_config(n, k, bits, epilogue)
     block_k = max(32, min(block_k, triton.next_power_of_2(k)))
     block_n = max(16, min(block_n, triton.next_power_of_2(n)))
-    return block_n, block_k, warps, stages, bool(dot) or rows > 1 or bits != 16
+    k_split = triton.cdiv(triton.cdiv(k, rest[0] if rest else 1), block_k) * block_k
+    return GemvLaunch(block_n, block_k, warps, stages, bool(dot) or rows > 1 or bits != 16, triton.cdiv(k, k_split),
+                      k_split, triton.cdiv(n, block_n))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,47 +475,71 @@ def row_sum_squares(x: torch.Tensor) -> torch.Tensor:
     return ssq
 
 
-def gemv_programs(linear: LinearWeights, epilogue: int, rows: int) -> int:
-    """How many programs fused_linear launches (= partial sums of squares an EPI_RESIDUAL launch leaves)."""
+def gemv_launch(linear: LinearWeights, epilogue: int, rows: int) -> GemvLaunch:
     n = linear.out_features // 2 if epilogue == EPI_SWIGLU else linear.out_features
-    return triton.cdiv(n, gemv_config(n, linear.in_features, linear.bits, epilogue, rows)[0])
+    return gemv_config(n, linear.in_features, linear.bits, epilogue, rows)
+
+
+class SplitScratch:
+    """Split-K scratch shared by the GEMV launches of one step: fp32 partial sums [splits, rows, out] and one
+    arrival counter per output tile (each launch leaves its counters at zero)."""
+
+    def __init__(self, partial_floats: int, tiles: int, device: torch.device):
+        self.partial = torch.empty(max(partial_floats, 1), dtype=torch.float32, device=device)
+        self.counts = torch.zeros(max(tiles, 1), dtype=torch.int32, device=device)
+
+    @staticmethod
+    def size_for(linear: LinearWeights, epilogue: int, rows: int) -> Tuple[int, int]:
+        """(partial floats, tiles) one launch of `linear` needs."""
+        launch = gemv_launch(linear, epilogue, rows)
+        if launch.splits == 1:
+            return 0, 0
+        return launch.splits * rows * 2 * (linear.out_features // 2 if epilogue == EPI_SWIGLU
+                                           else linear.out_features), launch.tiles
 
 
 def fused_linear(x: torch.Tensor, linear: LinearWeights, out: torch.Tensor, epilogue: int = EPI_STORE,
                  norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-5,
                  ssq_in: Optional[Tuple[torch.Tensor, int]] = None, residual: Optional[torch.Tensor] = None,
-                 ssq_out: Optional[torch.Tensor] = None, rotary: Optional[RotaryCache] = None) -> torch.Tensor:
+                 ssq_out: Optional[torch.Tensor] = None, rotary: Optional[RotaryCache] = None,
+                 scratch: Optional[SplitScratch] = None) -> torch.Tensor:
     """out [m, n] = epilogue(linear(rmsnorm(x) if norm_weight is given else x)) for x [m <= 16, in].
 
     The norm takes x's sums of squares from `ssq_in` = (partials [m, SSQ_STRIDE], how many), as an EPI_RESIDUAL
     launch leaves them in its `ssq_out` (default: computed here with torch). Epilogues: EPI_STORE (out may be
     float32), EPI_RESIDUAL (out = residual + linear; partial sums of squares of out into ssq_out), EPI_SWIGLU (the
     linear's two halves are gate and up: out [m, out_features / 2] = silu(gate) * up), EPI_QKV (out = rotated
-    queries; keys and values go into `rotary`'s cache at its slot).
+    queries; keys and values go into `rotary`'s cache at its slot). Split-K launches use `scratch` (default: a new
+    one).
     """
     m, k = x.shape
     n = linear.out_features // 2 if epilogue == EPI_SWIGLU else linear.out_features
-    block_n, block_k, warps, stages, use_dot = gemv_config(n, k, linear.bits, epilogue, m)
+    launch = gemv_config(n, k, linear.bits, epilogue, m)
     if norm_weight is not None and ssq_in is None:
         ssq_in = (row_sum_squares(x), 1)
     if epilogue == EPI_RESIDUAL and ssq_out is None:
         ssq_out = torch.empty(m, SSQ_STRIDE, dtype=torch.float32, device=x.device)
-    dummy = linear.weight
+    if launch.splits > 1 and scratch is None:
+        scratch = SplitScratch(*SplitScratch.size_for(linear, epilogue, m), x.device)
+    weight = dummy = linear.weight
     rot = rotary
-    _KERNELS["gemv"][(triton.cdiv(n, block_n),)](
-        x, norm_weight if norm_weight is not None else dummy, linear.weight,
+    _KERNELS["gemv"][(launch.tiles, launch.splits)](
+        x, norm_weight if norm_weight is not None else dummy, weight,
         linear.scale if linear.scale is not None else dummy, linear.bias if linear.bias is not None else dummy,
         residual if residual is not None else dummy, out, ssq_in[0] if ssq_in else dummy,
         ssq_out if ssq_out is not None else dummy,
         rot.cos if rot else dummy, rot.sin if rot else dummy, rot.position if rot else dummy,
         rot.slot if rot else dummy, rot.keys if rot else dummy, rot.values if rot else dummy,
-        m, n, k, eps, x.stride(0), linear.weight.stride(0), residual.stride(0) if residual is not None else 0,
-        out.stride(0), ssq_in[1] if ssq_in else 0, SSQ_STRIDE, rot.q_size if rot else 0, rot.kv_size if rot else 0,
+        scratch.partial if scratch else dummy, scratch.counts if scratch else dummy,
+        m, n, k, launch.k_split, eps, x.stride(0), weight.stride(0),
+        residual.stride(0) if residual is not None else 0, out.stride(0), ssq_in[1] if ssq_in else 0, SSQ_STRIDE,
+        rot.q_size if rot else 0, rot.kv_size if rot else 0,
         rot.keys.stride(0) if rot else 0, rot.keys.stride(1) if rot else 0, rot.keys.stride(2) if rot else 0,
         BITS=linear.bits, IS_FP16=x.dtype == torch.float16, NORM=norm_weight is not None,
         HAS_BIAS=linear.bias is not None, EPILOGUE=epilogue, HEAD_DIM=rot.head_dim if rot else 16,
-        ROT_PAIRS=rot.head_dim // 4 if rot else 1, USE_DOT=use_dot, PDL=PDL_MODE, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=warps, num_stages=stages, **_pdl_launch())
+        ROT_PAIRS=rot.head_dim // 4 if rot else 1, USE_DOT=launch.use_dot, PDL=PDL_MODE, SPLIT=launch.splits,
+        BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, num_warps=launch.warps,
+        num_stages=launch.stages, **_pdl_launch())
     return out
 
 
@@ -585,8 +659,13 @@ class FusedDecodeStep:
         # partial sums of squares left by the residual GEMVs for the next norm (hidden: 4h_to_h; hidden2: dense)
         self.ssq = torch.zeros(batch, SSQ_STRIDE, dtype=torch.float32, device=device)
         self.ssq2 = torch.zeros(batch, SSQ_STRIDE, dtype=torch.float32, device=device)
-        self.parts_dense = gemv_programs(self.layers[0].dense, EPI_RESIDUAL, batch)
-        self.parts_mlp = gemv_programs(self.layers[0].h4h_to_h, EPI_RESIDUAL, batch)
+        self.parts_dense = gemv_launch(self.layers[0].dense, EPI_RESIDUAL, batch).tiles
+        self.parts_mlp = gemv_launch(self.layers[0].h4h_to_h, EPI_RESIDUAL, batch).tiles
+        layer = self.layers[0]
+        sizes = [SplitScratch.size_for(linear, epilogue, batch) for linear, epilogue in (
+            (layer.qkv, EPI_QKV), (layer.dense, EPI_RESIDUAL), (layer.h_to_4h, EPI_SWIGLU),
+            (layer.h4h_to_h, EPI_RESIDUAL), (self.output, EPI_STORE))]
+        self.split_scratch = SplitScratch(max(f for f, _ in sizes), max(t for _, t in sizes), device)
 
     @classmethod
     def build(cls, model: nn.Module, keys: List[torch.Tensor], values: List[torch.Tensor], batch: int,
@@ -609,18 +688,19 @@ class FusedDecodeStep:
         for i, layer in enumerate(self.layers):
             rotary = RotaryCache(self.cos, self.sin, position.view(-1), slot, self.keys[i], self.values[i],
                                  self.q_size, self.kv_size, self.head_dim)
+            split = self.split_scratch
             fused_linear(self.hidden, layer.qkv, self.query, EPI_QKV, layer.input_norm, self.eps,
-                         ssq_in=(self.ssq, parts), rotary=rotary)
+                         ssq_in=(self.ssq, parts), rotary=rotary, scratch=split)
             fused_attention(self.query, self.keys[i], self.values[i], valid, slot, self.scratch, self.context)
             fused_linear(self.context, layer.dense, self.hidden2, EPI_RESIDUAL, residual=self.hidden,
-                         ssq_out=self.ssq2)
+                         ssq_out=self.ssq2, scratch=split)
             fused_linear(self.hidden2, layer.h_to_4h, self.act, EPI_SWIGLU, layer.post_norm, self.eps,
-                         ssq_in=(self.ssq2, self.parts_dense))
+                         ssq_in=(self.ssq2, self.parts_dense), scratch=split)
             fused_linear(self.act, layer.h4h_to_h, self.hidden, EPI_RESIDUAL, residual=self.hidden2,
-                         ssq_out=self.ssq)
+                         ssq_out=self.ssq, scratch=split)
             parts = self.parts_mlp
         return fused_linear(self.hidden, self.output, self.logits, EPI_STORE, self.final_norm, self.eps,
-                            ssq_in=(self.ssq, parts))
+                            ssq_in=(self.ssq, parts), scratch=self.split_scratch)
 
 
 def greedy_token(logits: torch.Tensor) -> torch.Tensor:

@@ -59,16 +59,24 @@ def _relative(a, b):
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
-@pytest.mark.parametrize("bits,cuda_cores", [(16, False), (16, True), (8, False), (4, False)],
-                         ids=["fp16", "fp16-cuda-cores", "int8", "int4"])
+# launch configurations forced on every GEMV of the tiny model (hidden 64, ffn 128): None keeps the defaults.
+# (BLOCK_N, BLOCK_K, warps, stages, tensor cores, split-K)
+CUDA_CORES = (16, 32, 4, 2, 0, 1)  # the one-row CUDA-core variant (batches of several rows keep tensor cores)
+SPLIT_K = (16, 32, 4, 2, 1, 4)  # K = 64 in 2 splits, 128 in 4: the last program of a tile to finish reduces
+CUDA_CORES_SPLIT_K = (16, 32, 4, 2, 0, 2)
+
+
+@pytest.mark.parametrize("bits,config", [(16, None), (16, CUDA_CORES), (16, SPLIT_K), (16, CUDA_CORES_SPLIT_K),
+                                         (8, None), (4, None), (4, SPLIT_K)],
+                         ids=["fp16", "fp16-cuda-cores", "fp16-split-k", "fp16-cuda-cores-split-k", "int8", "int4",
+                              "int4-split-k"])
 @pytest.mark.parametrize("padded", [False, True], ids=["one-row", "left-padded-batch"])
 @torch.no_grad()
-def test_fused_step_matches_model_forward(bits, cuda_cores, padded, monkeypatch):
+def test_fused_step_matches_model_forward(bits, config, padded, monkeypatch):
     from chatglm import decode_kernels_chatglm as kernels
 
-    if cuda_cores:  # the one-row CUDA-core GEMV variant (batches of several rows keep the tensor-core one)
-        monkeypatch.setattr(kernels, "_default_config", lambda *shape: (16, 32, 4, 2, 0))
-    monkeypatch.setattr(kernels, "FUSED_BITS", (16, 8, 4))  # int4 is off by default (slower), kept correct
+    if config is not None:
+        monkeypatch.setattr(kernels, "_default_config", lambda *shape: config)
     model = tiny_model(seed=5).half().to(DEVICE)
     if bits != 16:
         model.quantize(bits, backend="torch")
@@ -132,6 +140,7 @@ def test_greedy_token_is_the_first_maximum():
 
 
 def test_fused_step_declines_what_it_cannot_serve(monkeypatch):
+    from chatglm import decode_kernels_chatglm as kernels
     from chatglm.decode_kernels_chatglm import unsupported_reason
 
     model = tiny_model(seed=5).half().to(DEVICE)
@@ -141,4 +150,7 @@ def test_fused_step_declines_what_it_cannot_serve(monkeypatch):
     monkeypatch.setenv("CHATGLM_FUSED_DECODE", "0")
     assert "CHATGLM_FUSED_DECODE" in unsupported_reason(model, 1)
     monkeypatch.delenv("CHATGLM_FUSED_DECODE")
-    assert "int4" in unsupported_reason(model.quantize(4, backend="torch"), 1)
+    quantized = model.quantize(4, backend="torch")
+    assert unsupported_reason(quantized, 1) is None
+    monkeypatch.setattr(kernels, "FUSED_BITS", (16, 8))  # a weight kind switched off is declined by name
+    assert "int4" in unsupported_reason(quantized, 1)

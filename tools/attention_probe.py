@@ -14,16 +14,31 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
-def run(length: int, backend: str, expand: bool) -> dict:
-    q = torch.randn(1, 32, length, 128, dtype=torch.float16, device="cuda")
-    k = torch.randn(1, 2, length, 128, dtype=torch.float16, device="cuda")
+def run(length: int, backend: str, mode: str, layout: str) -> dict:
+    """mode: 'gqa' (enable_gqa), 'expand' (k/v repeated to 32 heads), 'groups' (one call per kv group, its 16
+    query heads against that group's k/v repeated); layout: 'bhsd' contiguous or 'bshd' (transposed views, as a
+    fused qkv projection leaves them)."""
+    shape = (1, length, 32, 128) if layout == "bshd" else (1, 32, length, 128)
+    q = torch.randn(shape, dtype=torch.float16, device="cuda")
+    k = torch.randn(shape[:2] + (2, 128) if layout == "bshd" else (1, 2, length, 128), dtype=torch.float16,
+                    device="cuda")
     v = torch.randn_like(k)
-    result = {"length": length, "backend": backend, "expand_kv": expand}
+    if layout == "bshd":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    result = {"length": length, "backend": backend, "mode": mode, "layout": layout}
+
+    def attend(qq, kk, vv, gqa):
+        with sdpa_kernel([getattr(SDPBackend, backend)]):
+            return F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=gqa)
+
+    def call():
+        if mode == "gqa":
+            return attend(q, k, v, True)
+        if mode == "expand":
+            return attend(q, k.repeat_interleave(16, 1), v.repeat_interleave(16, 1), False)
+        return torch.cat([attend(q[:, 16 * g:16 * (g + 1)], k[:, g:g + 1].expand(-1, 16, -1, -1).contiguous(),
+                                 v[:, g:g + 1].expand(-1, 16, -1, -1).contiguous(), False) for g in range(2)], 1)
     try:
-        def call():
-            kk, vv = (k.repeat_interleave(16, 1), v.repeat_interleave(16, 1)) if expand else (k, v)
-            with sdpa_kernel([getattr(SDPBackend, backend)]):
-                return F.scaled_dot_product_attention(q, kk, vv, is_causal=True, enable_gqa=not expand)
         call()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -45,12 +60,16 @@ def run(length: int, backend: str, expand: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--backends", nargs="+", default=["FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"])
+    parser.add_argument("--modes", nargs="+", default=["gqa", "expand", "groups"])
+    parser.add_argument("--layouts", nargs="+", default=["bhsd", "bshd"])
     args = parser.parse_args()
     for length in args.lengths:
-        for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
-            for expand in (False, True):
-                run(length, backend, expand)
-                torch.cuda.empty_cache()
+        for backend in args.backends:
+            for mode in args.modes:
+                for layout in args.layouts:
+                    run(length, backend, mode, layout)
+                    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

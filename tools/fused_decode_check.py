@@ -54,8 +54,14 @@ def rmsnorm(x, w, eps=1e-5):
 def check_correctness(results):
     assert D._load_triton()
     torch.manual_seed(0)
-    for dtype, bits, m in itertools.product((torch.float16, torch.bfloat16), (16, 8, 4), (1, 4)):
-        tag = f"{str(dtype)[6:]} bits={bits} m={m}"
+    table, default = dict(D.GEMV_CONFIGS), D._default_config
+    # the launch table as committed, then every GEMV forced to split-K on tensor cores / on CUDA cores (fp16, one row)
+    forced = (None, (32, 256, 4, 3, 1, 4), (32, 256, 4, 3, 0, 2))
+    for config, dtype, bits, m in itertools.product(forced, (torch.float16, torch.bfloat16), (16, 8, 4), (1, 4)):
+        tag = f"{str(dtype)[6:]} bits={bits} m={m} config={config}"
+        D.GEMV_CONFIGS.clear()
+        D.GEMV_CONFIGS.update(table if config is None else {})
+        D._default_config = default if config is None else lambda *shape, config=config: config
         x = torch.randn(m, HIDDEN, device="cuda", dtype=dtype)
         nw = (1 + 0.1 * torch.randn(HIDDEN, device="cuda")).to(dtype)
         # residual GEMV (dense / 4h_to_h shape)
@@ -93,20 +99,41 @@ def check_correctness(results):
         results[f"qkv q {tag}"] = rel(q.view(m, HEADS, HEAD_DIM), ref[:, :HEADS])
         results[f"qkv k {tag}"] = rel(keys[:, :, slot], ref[:, HEADS:HEADS + GROUPS])
         results[f"qkv v {tag}"] = rel(values[:, :, slot], ref[:, HEADS + GROUPS:])
+    D.GEMV_CONFIGS.clear()
+    D.GEMV_CONFIGS.update(table)
+    D._default_config = default
     bad = {k: v for k, v in results.items() if v > 2e-2}
     print(json.dumps({"correctness_max": max(results.values()), "failures": bad}), flush=True)
     return not bad
 
 
-def sweep(configs_out, bits_list):
+SHAPES = {  # name: (K, linear out features, epilogue)
+    "qkv": (HIDDEN, 4608, D.EPI_STORE), "dense": (HIDDEN, HIDDEN, D.EPI_RESIDUAL),
+    "h_to_4h": (HIDDEN, 2 * FFN, D.EPI_SWIGLU), "4h_to_h": (FFN, HIDDEN, D.EPI_RESIDUAL),
+    "logits": (HIDDEN, VOCAB, D.EPI_STORE)}
+
+
+def sweep_candidates(bits, name):
+    """(BLOCK_N, BLOCK_K, warps, stages, tensor cores, split-K) to try for one shape."""
+    splits = (1,) if name in ("logits", "h_to_4h") else (1, 2, 4) if name in ("qkv", "dense") else (1, 2, 4, 8)
+    block_ns = (32, 64, 128) if name in ("logits", "h_to_4h") else (16, 32, 64)
+    if bits == 16:
+        candidates = [(bn, bk, 4, st, 1, sp) for bn, bk, st, sp in itertools.product(block_ns, (128, 256), (3, 4),
+                                                                                         splits)]
+        if name not in ("logits", "h_to_4h"):  # the CUDA-core variant for one row
+            candidates += [(bn, 128, 4, 4, 0, sp) for bn, sp in itertools.product((16, 32), splits)]
+        return candidates
+    return [(bn, bk, 4, st, 1, sp) for bn, bk, st, sp in itertools.product(block_ns, (256, 512), (3, 4), splits)]
+
+
+def sweep(configs_out, bits_list, names):
+    """Time every candidate launch per GEMV shape (CUDA-graph replays over 28 weight copies, with the PDL mode in
+    force); the fastest go to `configs_out`."""
     assert D._load_triton()
-    shapes = {  # name: (K, linear out features, epilogue)
-        "qkv": (HIDDEN, 4608, D.EPI_STORE), "dense": (HIDDEN, HIDDEN, D.EPI_RESIDUAL),
-        "h_to_4h": (HIDDEN, 2 * FFN, D.EPI_SWIGLU), "4h_to_h": (FFN, HIDDEN, D.EPI_RESIDUAL),
-        "logits": (HIDDEN, VOCAB, D.EPI_STORE)}
     best, rows = {}, []
     for bits in bits_list:
-        for name, (K, n_out, epi) in shapes.items():
+        for name in names:
+            K, n_out, epi = SHAPES[name]
             if name == "logits" and bits != 16:
                 continue
             copies = 1 if name == "logits" else LAYERS
@@ -119,18 +146,13 @@ def sweep(configs_out, bits_list):
             # qkv, h_to_4h and the output layer run with the rmsnorm prologue in the model
             norm = torch.ones(K, device="cuda", dtype=torch.float16) if name in ("qkv", "h_to_4h", "logits") else None
             ssq = (D.row_sum_squares(x), 1) if norm is not None else None
-            block_ks = (64, 128, 256, 512) if bits == 16 else (128, 256, 512, 1024)
+            scratch = D.SplitScratch(8 * 2 * n, 4096, torch.device("cuda"))
             timings = []
-            candidates = [(bn, bk, 4, st, 1) for bn, bk, st in itertools.product(
-                (16, 32, 64, 128), block_ks[:3] if bits == 16 else block_ks[1:], (3, 4))]
-            if bits == 16:  # the CUDA-core variant for one row
-                candidates += [(bn, bk, w, st, 0) for bn, bk, w, st in itertools.product(
-                    (16, 32, 64), (64, 128, 256), (4, 8), (3, 4))]
-            for cfg in candidates:
+            for cfg in sweep_candidates(bits, name):
                 D.GEMV_CONFIGS[key] = cfg
                 try:
                     us = graph_us(lambda i: D.fused_linear(x, lins[i % copies], out, epi, norm, residual=res,
-                                                           ssq_in=ssq), copies * 2)
+                                                           ssq_in=ssq, scratch=scratch), copies * 2)
                 except Exception:  # out of shared memory etc.
                     continue
                 timings.append((us, cfg))
@@ -139,6 +161,7 @@ def sweep(configs_out, bits_list):
             D.GEMV_CONFIGS[key] = cfg
             best[",".join(map(str, key))] = list(cfg)
             if name == "qkv":  # timed without the rotary epilogue; the same weight read
+                D.GEMV_CONFIGS[(n, K, bits, D.EPI_QKV)] = cfg
                 best[",".join(map(str, (n, K, bits, D.EPI_QKV)))] = list(cfg)
             nbytes = lins[0].weight.numel() * lins[0].weight.element_size()
             if bits == 16:  # cuBLAS on the same weights, for scale
@@ -149,7 +172,8 @@ def sweep(configs_out, bits_list):
                 cublas = None
             row = {"shape": name, "bits": bits, "best": cfg, "us": round(us, 2), "GB_per_s": round(nbytes / us / 1e3),
                    "cublas_us": cublas and round(cublas, 2),
-                   "runner_up": [(round(t, 2), c) for t, c in timings[1:4]]}
+                   "runner_up": [(round(t, 2), c) for t, c in timings[1:4]],
+                   "no_split_best": min(([round(t, 2), c] for t, c in timings if c[5] == 1), default=None)}
             rows.append(row)
             print(json.dumps(row), flush=True)
             del lins
@@ -174,22 +198,30 @@ def attention_time(results):
         print(json.dumps({f"attention capacity={capacity}": results[f"attention capacity={capacity}"]}), flush=True)
 
 
-def whole_step(results, profile):
+def whole_step(results, profile, variants):
+    """ms per decode step of the whole model (random 6B weights, batch 1, 1024 cached tokens), per variant
+    "bits,pdl" (fused, with that PDL mode) or "bits,unfused" (the compiled torch step)."""
     from chatglm.configuration_chatglm import ChatGLMConfig
     from chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
     from chatglm.decoding_chatglm import CompiledDecoder
 
     config = ChatGLMConfig.from_pretrained(str(REPO / "variants" / "chatglm3-6b"))
-    for bits in (16, 8, 4):
+    D.FUSED_BITS = (16, 8, 4)
+    by_bits = {}
+    for variant in variants:
+        by_bits.setdefault(int(variant.split(",")[0]), []).append(variant)
+    for bits, wanted in by_bits.items():
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = ChatGLMForConditionalGeneration(copy.deepcopy(config)).half().eval()  # quantize edits config
         if bits != 16:
             model.quantize(bits)
-        for fused, pdl in ([(True, 0), (True, 1), (True, 2), (False, 0)] if bits == 16 else [(True, 0), (True, 1),
-                                                                                              (True, 2)]):
+        for variant in wanted:
+            fields = variant.split(",")
+            fused = fields[1] != "unfused"
             os.environ["CHATGLM_FUSED_DECODE"] = "1" if fused else "0"
-            D.PDL_MODE = pdl
+            if fused:
+                D.PDL_MODE = int(fields[1])
             decoder = CompiledDecoder(model, 1, 1280, compile=True)
             ids = torch.randint(0, 60000, (1, 1024), device="cuda")
             with torch.no_grad():
@@ -205,13 +237,13 @@ def whole_step(results, profile):
                 end.record()
                 end.synchronize()
             ms = start.elapsed_time(end) / 200
-            if profile and bits in (16, 4) and fused and pdl == 1:
+            if profile and fused:
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                     for _ in range(20):
                         decoder.run("greedy")
                     torch.cuda.synchronize()
                 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
-            name = f"step bits={bits} fused={fused} pdl={pdl}"
+            name = f"step {variant}" + ("" if decoder.fused is not None or not fused else " (NOT fused)")
             results[name] = {"ms": round(ms, 4), "tok_s": round(1000 / ms, 1)}
             print(json.dumps({name: results[name]}), flush=True)
             del decoder
@@ -227,17 +259,24 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--skip-check", action="store_true")
     parser.add_argument("--skip-steps", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="kernel table of 20 fused steps (fp16, int4)")
+    parser.add_argument("--profile", action="store_true", help="kernel table of 20 steps of each fused variant")
     parser.add_argument("--bits", type=int, nargs="+", default=[16, 8, 4], help="weight kinds to sweep")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="GEMV shapes to sweep")
+    parser.add_argument("--steps", nargs="+", default=["16,2", "16,unfused", "8,2", "4,2", "4,unfused"],
+                        help='whole-step variants: "bits,pdl" (fused) or "bits,unfused"')
+    parser.add_argument("--configs-in", default=None, help="launch table (JSON) to load before anything else")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    assert D._load_triton()
+    if args.configs_in:
+        D.load_configs(args.configs_in)
     if not args.skip_check:
         report["correct"] = check_correctness(report.setdefault("errors", {}))
     if args.sweep:
-        report["sweep"] = sweep(args.configs_out, args.bits)
+        report["sweep"] = sweep(args.configs_out, args.bits, args.shapes)
     attention_time(report.setdefault("attention", {}))
     if not args.skip_steps:
-        whole_step(report.setdefault("steps", {}), args.profile)
+        whole_step(report.setdefault("steps", {}), args.profile, args.steps)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
 

@@ -1,6 +1,8 @@
 """Profile the fast decode path at the real shape: where each decode step's time goes (CUDA kernels, top N).
+With --prefill N: where one N-token prefill (last-position logits, what generate() runs first) spends its time.
 
     TORCH_LOGS=perf_hints python tools/profile_decode.py --variant chatglm3-6b --prompt 1024 --new 64
+    python tools/profile_decode.py --variant chatglm3-6b-128k --prefill 32768
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--prefill", type=int, default=0, help="profile one prefill of this many tokens instead")
     args = parser.parse_args()
     import_package()
     from chatglm.configuration_chatglm import ChatGLMConfig
@@ -31,8 +34,12 @@ def main() -> None:
     config = ChatGLMConfig.from_pretrained(str(REPO / "variants" / args.variant))
     with torch.device("cuda"):
         model = ChatGLMForConditionalGeneration(config).half().eval()
-    ids = torch.randint(10, 60000, (args.batch, args.prompt), device="cuda")
-    run = lambda new: model.fast_generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=None)  # noqa: E731
+    ids = torch.randint(10, 60000, (args.batch, args.prefill or args.prompt), device="cuda")
+    @torch.no_grad()
+    def run(new: int):
+        if args.prefill:
+            return model(input_ids=ids, use_cache=True, return_last_logit=True)
+        return model.fast_generate(ids, max_new_tokens=new, do_sample=False, eos_token_id=None)
     for _ in range(2):
         run(args.new)
     for new in (1, args.new):
