@@ -147,12 +147,13 @@ def _define_main_kernels() -> None:
     @triton.jit
     def _fused_gemv_kernel(
             x_ptr, nw_ptr, w_ptr, s_ptr, b_ptr, r_ptr, y_ptr, ssq_in_ptr, ssq_out_ptr,
-            cos_ptr, sin_ptr, pos_ptr, slot_ptr, kc_ptr, vc_ptr, part_ptr, count_ptr,
+            cos_ptr, sin_ptr, pos_ptr, slot_ptr, kc_ptr, vc_ptr, part_ptr, count_ptr, best_ptr, best_at_ptr, ban_ptr,
             M, N, K, K_SPLIT, eps, stride_xm, stride_wn, stride_rm, stride_ym, PARTS_IN, SSQ_STRIDE, Q_SIZE, KV_SIZE,
             stride_cb, stride_cg, stride_cs,
             BITS: tl.constexpr, IS_FP16: tl.constexpr, NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
             EPILOGUE: tl.constexpr, HEAD_DIM: tl.constexpr, ROT_PAIRS: tl.constexpr, USE_DOT: tl.constexpr,
-            PDL: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+            PDL: tl.constexpr, SPLIT: tl.constexpr, ARGMAX: tl.constexpr, BANNED: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # Program (pid, pid_k): y[m, n] for m < M <= 16 and this program's BLOCK_N outputs n < N, summed over inputs
         # [pid_k * K_SPLIT, +K_SPLIT). With SPLIT > 1 the programs of one output tile leave their partial sums in
         # part_ptr [SPLIT, M, 2N] and the last of them to finish adds them up in a fixed order (deterministic) and
@@ -248,6 +249,15 @@ def _define_main_kernels() -> None:
             y_tile = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
             if EPILOGUE == 0:
                 tl.store(y_tile, acc.to(y_ptr.dtype.element_ty), mask=mask)
+                if ARGMAX:  # this tile's largest output per row (first on ties), for _step_finish_kernel
+                    scores = tl.where(mask_n[None, :], acc.to(y_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
+                    if BANNED:  # outputs never to pick (end-of-sequence ids before min_new_tokens)
+                        ban = tl.load(ban_ptr + tl.arange(0, BANNED))
+                        hit = tl.max((offs_n[None, :] == ban[:, None]).to(tl.int32), axis=0) > 0
+                        scores = tl.where(hit[None, :], float("-inf"), scores)
+                    best, best_at = tl.max(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
+                    tl.store(best_ptr + offs_m * SSQ_STRIDE + pid, best, mask=mask_m)
+                    tl.store(best_at_ptr + offs_m * SSQ_STRIDE + pid, pid * BLOCK_N + best_at, mask=mask_m)
             elif EPILOGUE == 1:  # the branch is rounded to the model dtype before the residual add, as unfused
                 res = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
                 out = (res.to(tl.float32) + acc.to(dt).to(tl.float32)).to(dt)
@@ -358,7 +368,35 @@ def _define_main_kernels() -> None:
         out = tl.sum(o * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
         tl.store(out_ptr + b * stride_ob + (g * GROUP + h) * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty))
 
-    _KERNELS.update(gemv=_fused_gemv_kernel, attention=_decode_attention_kernel, merge=_attention_merge_kernel)
+    @triton.jit
+    def _step_start_kernel(token_ptr, emb_ptr, hidden_ptr, ssq_ptr, valid_ptr, slot_ptr, H, stride_eb, stride_vb,
+                           SSQ_STRIDE, BLOCK_H: tl.constexpr):
+        # Program b: hidden[b] = embedding[token[b]], its sum of squares (the first norm's), key_valid[b, slot] = 1.
+        b = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_H)
+        row = tl.load(emb_ptr + tl.load(token_ptr + b) * stride_eb + offs, mask=offs < H, other=0.0)
+        tl.store(hidden_ptr + b * H + offs, row, mask=offs < H)
+        sq = row.to(tl.float32)
+        tl.store(ssq_ptr + b * SSQ_STRIDE, tl.sum(sq * sq, axis=0))
+        tl.store(valid_ptr + b * stride_vb + tl.load(slot_ptr), 1)
+
+    @triton.jit
+    def _step_finish_kernel(best_ptr, best_at_ptr, token_ptr, pos_ptr, slot_ptr, TILES, SSQ_STRIDE,
+                            GREEDY: tl.constexpr, BLOCK_T: tl.constexpr):
+        # Program b: (GREEDY) token[b] = the first index of the largest logit, from the output GEMV's per-tile
+        # maxima; then position[b] += 1, and program 0 moves the cache slot on.
+        b = tl.program_id(0)
+        if GREEDY:
+            offs = tl.arange(0, BLOCK_T)
+            best = tl.load(best_ptr + b * SSQ_STRIDE + offs, mask=offs < TILES, other=float("-inf"))
+            tile = tl.argmax(best, axis=0, tie_break_left=True)
+            tl.store(token_ptr + b, tl.load(best_at_ptr + b * SSQ_STRIDE + tile).to(tl.int64))
+        tl.store(pos_ptr + b, tl.load(pos_ptr + b) + 1)
+        if b == 0:
+            tl.store(slot_ptr, tl.load(slot_ptr) + 1)
+
+    _KERNELS.update(gemv=_fused_gemv_kernel, attention=_decode_attention_kernel, merge=_attention_merge_kernel,
+                    start=_step_start_kernel, finish=_step_finish_kernel)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -502,7 +540,9 @@ def fused_linear(x: torch.Tensor, linear: LinearWeights, out: torch.Tensor, epil
                  norm_weight: Optional[torch.Tensor] = None, eps: float = 1e-5,
                  ssq_in: Optional[Tuple[torch.Tensor, int]] = None, residual: Optional[torch.Tensor] = None,
                  ssq_out: Optional[torch.Tensor] = None, rotary: Optional[RotaryCache] = None,
-                 scratch: Optional[SplitScratch] = None) -> torch.Tensor:
+                 scratch: Optional[SplitScratch] = None,
+                 argmax: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                 banned: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out [m, n] = epilogue(linear(rmsnorm(x) if norm_weight is given else x)) for x [m <= 16, in].
 
     The norm takes x's sums of squares from `ssq_in` = (partials [m, SSQ_STRIDE], how many), as an EPI_RESIDUAL
@@ -510,7 +550,8 @@ def fused_linear(x: torch.Tensor, linear: LinearWeights, out: torch.Tensor, epil
     float32), EPI_RESIDUAL (out = residual + linear; partial sums of squares of out into ssq_out), EPI_SWIGLU (the
     linear's two halves are gate and up: out [m, out_features / 2] = silu(gate) * up), EPI_QKV (out = rotated
     queries; keys and values go into `rotary`'s cache at its slot). Split-K launches use `scratch` (default: a new
-    one).
+    one). `argmax` (EPI_STORE): buffers [m, SSQ_STRIDE] float32 / int32 for each output tile's row maximum and its
+    index (first on ties), leaving out the ids in `banned` (int64, a power-of-two count).
     """
     m, k = x.shape
     n = linear.out_features // 2 if epilogue == EPI_SWIGLU else linear.out_features
@@ -531,6 +572,7 @@ def fused_linear(x: torch.Tensor, linear: LinearWeights, out: torch.Tensor, epil
         rot.cos if rot else dummy, rot.sin if rot else dummy, rot.position if rot else dummy,
         rot.slot if rot else dummy, rot.keys if rot else dummy, rot.values if rot else dummy,
         scratch.partial if scratch else dummy, scratch.counts if scratch else dummy,
+        argmax[0] if argmax else dummy, argmax[1] if argmax else dummy, banned if banned is not None else dummy,
         m, n, k, launch.k_split, eps, x.stride(0), weight.stride(0),
         residual.stride(0) if residual is not None else 0, out.stride(0), ssq_in[1] if ssq_in else 0, SSQ_STRIDE,
         rot.q_size if rot else 0, rot.kv_size if rot else 0,
@@ -538,6 +580,7 @@ def fused_linear(x: torch.Tensor, linear: LinearWeights, out: torch.Tensor, epil
         BITS=linear.bits, IS_FP16=x.dtype == torch.float16, NORM=norm_weight is not None,
         HAS_BIAS=linear.bias is not None, EPILOGUE=epilogue, HEAD_DIM=rot.head_dim if rot else 16,
         ROT_PAIRS=rot.head_dim // 4 if rot else 1, USE_DOT=launch.use_dot, PDL=PDL_MODE, SPLIT=launch.splits,
+        ARGMAX=argmax is not None, BANNED=banned.numel() if argmax and banned is not None else 0,
         BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, num_warps=launch.warps,
         num_stages=launch.stages, **_pdl_launch())
     return out
@@ -656,6 +699,10 @@ class FusedDecodeStep:
         self.hidden, self.hidden2 = new(batch, hidden), new(batch, hidden)
         self.query, self.context, self.act = new(batch, self.q_size), new(batch, self.q_size), new(batch, ffn)
         self.logits = new(batch, self.output.out_features, dt=torch.float32)
+        # greedy steps: each output tile's largest logit and its index, per row
+        self.output_tiles = gemv_launch(self.output, EPI_STORE, batch).tiles
+        self.best = new(batch, SSQ_STRIDE, dt=torch.float32)
+        self.best_at = new(batch, SSQ_STRIDE, dt=torch.int32)
         # partial sums of squares left by the residual GEMVs for the next norm (hidden: 4h_to_h; hidden2: dense)
         self.ssq = torch.zeros(batch, SSQ_STRIDE, dtype=torch.float32, device=device)
         self.ssq2 = torch.zeros(batch, SSQ_STRIDE, dtype=torch.float32, device=device)
@@ -677,18 +724,22 @@ class FusedDecodeStep:
         load_configs()
         return cls(model, keys, values, batch, capacity)
 
-    def __call__(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor,
-                 key_valid: torch.Tensor) -> torch.Tensor:
-        """token, position [b, 1]; slot [1] (the cache slot of this token, already marked in key_valid
-        [b, capacity] bool) → logits [b, vocab] float32. Writes this token's keys/values into the cache."""
+    def __call__(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, key_valid: torch.Tensor,
+                 greedy: bool = False, banned: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One decode step: feed token [b, 1] at position [b, 1] into cache slot [1] (marked in key_valid
+        [b, capacity] bool), write its keys/values into the cache, then advance position and slot by one.
+        → logits [b, vocab] float32; with `greedy`, the argmax (first on ties; never an id in `banned`, a
+        power-of-two count) is also written into `token`, which is returned."""
+        batch, hidden = self.hidden.shape
         valid = key_valid.view(torch.uint8)
-        torch.index_select(self.embedding, 0, token.view(-1), out=self.hidden)
-        torch.sum(self.hidden.float().pow(2), dim=-1, keepdim=True, out=self.ssq[:, :1])
+        _KERNELS["start"][(batch,)](token, self.embedding, self.hidden, self.ssq, valid, slot, hidden,
+                                    self.embedding.stride(0), valid.stride(0), SSQ_STRIDE,
+                                    BLOCK_H=triton.next_power_of_2(hidden))
         parts = 1
+        split = self.split_scratch
         for i, layer in enumerate(self.layers):
             rotary = RotaryCache(self.cos, self.sin, position.view(-1), slot, self.keys[i], self.values[i],
                                  self.q_size, self.kv_size, self.head_dim)
-            split = self.split_scratch
             fused_linear(self.hidden, layer.qkv, self.query, EPI_QKV, layer.input_norm, self.eps,
                          ssq_in=(self.ssq, parts), rotary=rotary, scratch=split)
             fused_attention(self.query, self.keys[i], self.values[i], valid, slot, self.scratch, self.context)
@@ -699,8 +750,16 @@ class FusedDecodeStep:
             fused_linear(self.act, layer.h4h_to_h, self.hidden, EPI_RESIDUAL, residual=self.hidden2,
                          ssq_out=self.ssq, scratch=split)
             parts = self.parts_mlp
-        return fused_linear(self.hidden, self.output, self.logits, EPI_STORE, self.final_norm, self.eps,
-                            ssq_in=(self.ssq, parts), scratch=self.split_scratch)
+        argmax = (self.best, self.best_at) if greedy and self.output_tiles <= SSQ_STRIDE else None
+        fused_linear(self.hidden, self.output, self.logits, EPI_STORE, self.final_norm, self.eps,
+                     ssq_in=(self.ssq, parts), scratch=split, argmax=argmax, banned=banned)
+        if greedy and argmax is None:
+            logits = self.logits if banned is None else self.logits.index_fill(1, banned, float("-inf"))
+            token.copy_(greedy_token(logits))
+        _KERNELS["finish"][(batch,)](self.best, self.best_at, token, position, slot, self.output_tiles, SSQ_STRIDE,
+                                     GREEDY=argmax is not None,
+                                     BLOCK_T=triton.next_power_of_2(min(self.output_tiles, SSQ_STRIDE)))
+        return token if greedy else self.logits
 
 
 def greedy_token(logits: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from .decode_kernels_chatglm import FusedDecodeStep, greedy_token
+from .decode_kernels_chatglm import FusedDecodeStep
 
 # generate() arguments the fast path understands; anything else goes to transformers' generate().
 FAST_PATH_KWARGS = frozenset({
@@ -22,6 +22,7 @@ FAST_PATH_KWARGS = frozenset({
     "num_beams", "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits",
 })
 EOS_CHECK_EVERY = 16
+MAX_BANNED = 8  # end-of-sequence ids a greedy step can exclude inside its graph (min_new_tokens)
 
 
 class StaticKVCache:
@@ -111,12 +112,15 @@ class CompiledDecoder:
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        # token ids a "greedy_banned" step never picks (end-of-sequence ids before min_new_tokens); fixed size so
+        # one captured graph serves any list of up to MAX_BANNED ids (unused entries repeat the first)
+        self.banned = torch.zeros(MAX_BANNED, dtype=torch.long, device=device)
         self.use_graphs = compile and device.type == "cuda"
         # Triton kernels with the small operations fused into the weight reads (CUDA, batch <= 16, plain or
         # int8/int4 linears); None: the model's own forward, compiled.
         self.fused = FusedDecodeStep.build(model, self.cache.keys, self.cache.values, batch, capacity) \
             if compile or device.type != "cuda" else None
-        steps = {"logits": self._logits_step, "greedy": self._greedy_step}
+        steps = {"logits": self._logits_step, "greedy": self._greedy_step, "greedy_banned": self._greedy_banned_step}
         # CHATGLM_COMPILE_MODE picks torch.compile's mode (e.g. "max-autotune-no-cudagraphs": slower to build,
         # autotunes the matrix products); the CUDA graph is ours either way.
         mode = os.environ.get("CHATGLM_COMPILE_MODE") or None
@@ -134,12 +138,9 @@ class CompiledDecoder:
 
     def _logits_step(self) -> torch.Tensor:
         """Feed `token` at `position` into cache `slot`, advance position and slot → logits [b, vocab] float32."""
-        self.key_valid.index_fill_(1, self.slot, True)
         if self.fused is not None:
-            logits = self.fused(self.token, self.position, self.slot, self.key_valid)
-            self.position.add_(1)
-            self.slot.add_(1)
-            return logits
+            return self.fused(self.token, self.position, self.slot, self.key_valid)
+        self.key_valid.index_fill_(1, self.slot, True)
         out = self.model(input_ids=self.token, position_ids=self.position,
                          attention_mask=self.key_valid[:, None, None, :], past_key_values=self.cache,
                          cache_position=self.slot, use_cache=True)
@@ -149,12 +150,28 @@ class CompiledDecoder:
 
     def _greedy_step(self) -> torch.Tensor:
         """A logits step whose argmax becomes the next token to feed → that token [b, 1]."""
-        logits = self._logits_step()
-        self.token.copy_(greedy_token(logits) if self.fused is not None else logits.argmax(dim=-1, keepdim=True))
+        if self.fused is not None:
+            return self.fused(self.token, self.position, self.slot, self.key_valid, greedy=True)
+        self.token.copy_(self._logits_step().argmax(dim=-1, keepdim=True))
         return self.token
 
+    def _greedy_banned_step(self) -> torch.Tensor:
+        """A greedy step that never picks the ids in `banned` → the token [b, 1]."""
+        if self.fused is not None:
+            return self.fused(self.token, self.position, self.slot, self.key_valid, greedy=True, banned=self.banned)
+        logits = self._logits_step().index_fill(1, self.banned, float("-inf"))
+        self.token.copy_(logits.argmax(dim=-1, keepdim=True))
+        return self.token
+
+    def ban(self, ids: Sequence[int]) -> None:
+        """Set the ids "greedy_banned" steps never pick (1 to MAX_BANNED of them)."""
+        if not 0 < len(ids) <= MAX_BANNED:
+            raise ValueError(f"between 1 and {MAX_BANNED} banned ids are supported, got {len(ids)}")
+        self.banned.copy_(torch.tensor(list(ids) + [ids[0]] * (MAX_BANNED - len(ids)), dtype=torch.long))
+
     def run(self, kind: str) -> torch.Tensor:
-        """One step of `kind` ('logits' or 'greedy'), replayed from a CUDA graph where one is used."""
+        """One step of `kind` ('logits', 'greedy' or 'greedy_banned'), replayed from a CUDA graph where one is
+        used."""
         if not self.use_graphs:
             return self.steps[kind]()
         if kind not in self.graphs:
@@ -241,7 +258,10 @@ def fast_generate(
                    past_key_values=decoder.cache, use_cache=True, return_last_logit=True).logits[:, -1].float()
     eos_tensor = torch.tensor(eos, device=device, dtype=torch.long) if eos else None
     out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
-    greedy_in_graph = not do_sample and (eos_tensor is None or min_new_tokens <= 1)
+    # greedy decoding stays on the device: the argmax (eos ids excluded before min_new_tokens) is part of the step
+    greedy_in_graph = not do_sample and (eos_tensor is None or len(eos) <= MAX_BANNED)
+    if greedy_in_graph and eos_tensor is not None and min_new_tokens > 1:
+        decoder.ban(eos)
     produced = max_new_tokens
     for step in range(max_new_tokens):
         if step == 0 or not greedy_in_graph:
@@ -253,14 +273,16 @@ def fast_generate(
             else:
                 decoder.token.copy_(token)
         out[:, step:step + 1] = token
-        if eos_tensor is not None and step % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 \
+        # (no end-of-sequence can have come out before min_new_tokens: no check, no host sync, until then)
+        if eos_tensor is not None and step >= min_new_tokens - 1 and step % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 \
                 and bool(torch.isin(out[:, :step + 1], eos_tensor).any(-1).all()):
             produced = step + 1
             break
         if step == max_new_tokens - 1:
             break
         if greedy_in_graph:
-            token = decoder.run("greedy")
+            token = decoder.run("greedy_banned" if eos_tensor is not None and step + 1 < min_new_tokens
+                                else "greedy")
         else:
             logits = decoder.run("logits")
     decoder.cache.length = 0  # the cache is scratch space of this call

@@ -101,6 +101,33 @@ def test_fused_step_matches_model_forward(bits, config, padded, monkeypatch):
     assert torch.equal(fused.position, plain.position) and torch.equal(fused.slot, plain.slot)
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["one-row", "left-padded-batch"])
+@torch.no_grad()
+def test_fused_greedy_step_feeds_back_the_argmax(padded):
+    """The greedy step (per-tile maxima in the output GEMV, then a finishing kernel) picks each row's argmax of
+    the same step's logits and advances position and slot once; so do logits steps."""
+    model = tiny_model(seed=7).half().to(DEVICE)
+    prompts = random_prompts(seed=8) if padded else [random_prompts(seed=8)[0]]
+    ids, mask = left_pad(prompts)
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    batch, capacity = ids.shape[0], ids.shape[1] + 8
+    greedy, logits = _decoder(model, batch, capacity, True), _decoder(model, batch, capacity, True)
+    _prefill(model, greedy, ids, mask)
+    _prefill(model, logits, ids, mask)
+    for _ in range(3):
+        want = logits.run("logits").argmax(-1, keepdim=True)
+        assert torch.equal(greedy.run("greedy"), want)
+        logits.token.copy_(want)
+        assert torch.equal(greedy.position, logits.position) and torch.equal(greedy.slot, logits.slot)
+        assert torch.equal(greedy.key_valid, logits.key_valid)
+    assert int(greedy.slot) == ids.shape[1] + 3
+    # banned ids (each row's favourite, say) are never picked: the best of the rest is
+    scores = logits.run("logits").clone()
+    greedy.ban(scores.argmax(-1).tolist())
+    assert torch.equal(greedy.run("greedy_banned"),
+                       scores.index_fill(1, greedy.banned, float("-inf")).argmax(-1, keepdim=True))
+
+
 @torch.no_grad()
 def test_fused_attention_merges_splits_over_a_long_cache():
     """Many key splits (the merge by the last finishing split), padded keys ignored, slots past the current one

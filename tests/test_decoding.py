@@ -37,6 +37,8 @@ def test_fast_generate_stops_at_eos_like_generate(model64):
     assert torch.equal(fast, reference)
     forced = model64.fast_generate(ids, attention_mask=mask, compile=False, min_new_tokens=10, **kwargs)
     assert not torch.isin(forced[:, ids.shape[1]:ids.shape[1] + 10], torch.tensor([eos])).any()
+    # the end-of-sequence id is excluded inside the decode step ("greedy_banned"), as generate's logits processor
+    assert torch.equal(forced, model64.generate(input_ids=ids, attention_mask=mask, min_new_tokens=10, **kwargs))
 
 
 @torch.no_grad()
