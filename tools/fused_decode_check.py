@@ -123,7 +123,10 @@ def sweep_candidates(bits, name):
         if name not in ("logits", "h_to_4h"):  # the CUDA-core variant for one row
             candidates += [(bn, 128, 4, 4, 0, sp) for bn, sp in itertools.product((16, 32), splits)]
         return candidates
-    return [(bn, bk, 4, st, 1, sp) for bn, bk, st, sp in itertools.product(block_ns, (256, 512), (3, 4), splits)]
+    # quantized weights: compute-bound at batch 1, so more warps per tile and split-K on h_to_4h are worth a try
+    splits = (1, 2, 4) if name == "h_to_4h" else splits
+    block_ns = (64, 128) if name == "h_to_4h" else (32, 64)
+    return [(bn, 256, w, st, 1, sp) for bn, w, st, sp in itertools.product(block_ns, (4, 8), (3, 4), splits)]
 
 
 def sweep(configs_out, bits_list, names):
