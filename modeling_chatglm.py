@@ -118,6 +118,11 @@ class AttentionMask:
         self.explicit = explicit
         self._built: dict[tuple[int, torch.device], tuple[Optional[torch.Tensor], bool]] = {}
 
+    def last_query(self) -> "AttentionMask":
+        """The same mask for the last query position alone."""
+        explicit = None if self.explicit is None else self.explicit[..., -1:, :]
+        return AttentionMask(1, self.past_len + self.query_len - 1, self.key_padding, explicit)
+
     def for_keys(self, kv_len: int, device: torch.device) -> tuple[Optional[torch.Tensor], bool]:
         """→ (bool mask [b|1, 1, q, kv] or None, is_causal)."""
         if self.explicit is not None:
@@ -282,9 +287,12 @@ class GLMBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
                 past_key_values: Optional[Any] = None, cache_position: Optional[torch.Tensor] = None,
-                inplace: bool = False) -> torch.Tensor:
+                inplace: bool = False, last_only: bool = False) -> torch.Tensor:
         """hidden_states [b, s, hidden] → [b, s, hidden] (long inputs without grad: written into hidden_states
-        itself when `inplace`, which the caller allows when nobody else holds that tensor)."""
+        itself when `inplace`, which the caller allows when nobody else holds that tensor). `last_only`: keys and
+        values of every position go to the cache, but only the last position is computed on → [b, 1, hidden]."""
+        if last_only and hidden_states.shape[1] > 1:
+            return self._forward_last_position(hidden_states, rotary, mask, past_key_values, cache_position)
         if hidden_states.shape[1] > PREFILL_CHUNK and not torch.is_grad_enabled():
             return self._forward_in_chunks(hidden_states, rotary, mask, past_key_values, cache_position, inplace)
         attention = self.self_attention(self.input_layernorm(hidden_states), rotary, mask, past_key_values,
@@ -292,6 +300,36 @@ class GLMBlock(nn.Module):
         hidden_states = hidden_states + F.dropout(attention, p=self.hidden_dropout, training=self.training)
         mlp = self.mlp(self.post_attention_layernorm(hidden_states))
         return hidden_states + F.dropout(mlp, p=self.hidden_dropout, training=self.training)
+
+    def _forward_last_position(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
+                               mask: AttentionMask, past_key_values: Optional[Any],
+                               cache_position: Optional[torch.Tensor]) -> torch.Tensor:
+        """The block's output at the last position only (what a prefill's next-token logits need from the last
+        layer): queries, attention, dense and MLP for one position; keys and values for all of them."""
+        attention = self.self_attention
+        query, key, value = self._project_all(hidden_states, rotary)
+        context = attention.attend(query[:, :, -1:], key, value, mask.last_query(), past_key_values, cache_position)
+        residual = hidden_states[:, -1:]
+        out = residual + attention.dense(context.transpose(1, 2).reshape(residual.shape[0], 1, -1))
+        return out + self.mlp(self.post_attention_layernorm(out))
+
+    def _project_all(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input norm + rotated q, k, v of every position; long inputs without grad PREFILL_CHUNK tokens at a time."""
+        attention = self.self_attention
+        b, s, _ = hidden_states.shape
+        if s <= PREFILL_CHUNK or torch.is_grad_enabled():
+            return attention.project(self.input_layernorm(hidden_states), rotary)
+        cos, sin = rotary
+        query = hidden_states.new_empty(b, attention.num_heads, s, attention.head_dim)
+        key = hidden_states.new_empty(b, attention.num_kv_heads, s, attention.head_dim)
+        value = torch.empty_like(key)
+        for start in range(0, s, PREFILL_CHUNK):
+            part = slice(start, min(start + PREFILL_CHUNK, s))
+            normed = self.input_layernorm(hidden_states[:, part])
+            query[:, :, part], key[:, :, part], value[:, :, part] = attention.project(
+                normed, (cos[:, :, part], sin[:, :, part]))
+        return query, key, value
 
     @torch.no_grad()
     def _forward_in_chunks(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
@@ -302,14 +340,7 @@ class GLMBlock(nn.Module):
         attention = self.self_attention
         b, s, _ = hidden_states.shape
         chunks = [slice(start, min(start + PREFILL_CHUNK, s)) for start in range(0, s, PREFILL_CHUNK)]
-        cos, sin = rotary
-        query = hidden_states.new_empty(b, attention.num_heads, s, attention.head_dim)
-        key = hidden_states.new_empty(b, attention.num_kv_heads, s, attention.head_dim)
-        value = torch.empty_like(key)
-        for part in chunks:
-            normed = self.input_layernorm(hidden_states[:, part])
-            query[:, :, part], key[:, :, part], value[:, :, part] = attention.project(
-                normed, (cos[:, :, part], sin[:, :, part]))
+        query, key, value = self._project_all(hidden_states, rotary)
         context = attention.attend(query, key, value, mask, past_key_values, cache_position)
         del query, key, value
         out = hidden_states if inplace else torch.empty_like(hidden_states)
@@ -353,10 +384,13 @@ class GLMTransformer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], mask: AttentionMask,
                 past_key_values: Optional[Any] = None, output_hidden_states: bool = False,
                 cache_position: Optional[torch.Tensor] = None, input_is_scratch: bool = False,
-                ) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
+                last_position_only: bool = False) -> tuple[torch.Tensor, Optional[tuple[torch.Tensor, ...]]]:
         """→ (normed last hidden [b, s, hidden], per-layer inputs + last layer output before the final norm).
         `input_is_scratch`: the caller holds no other use for hidden_states, so long inputs may be updated in place.
+        `last_position_only` (inference, no hidden states wanted): the last layer computes the last position only
+        (every layer's keys and values still reach the cache) → [b, 1, hidden].
         """
+        last_position_only = last_position_only and not output_hidden_states and not self.training
         all_hidden = () if output_hidden_states else None
         checkpointing = self.gradient_checkpointing and self.training
         for layer in self.layers:
@@ -375,7 +409,8 @@ class GLMTransformer(nn.Module):
                     hidden_states = checkpoint(layer.__call__, hidden_states, rotary, mask, None)
             else:
                 inplace = not output_hidden_states and (input_is_scratch or layer is not self.layers[0])
-                hidden_states = layer(hidden_states, rotary, mask, past_key_values, cache_position, inplace)
+                hidden_states = layer(hidden_states, rotary, mask, past_key_values, cache_position, inplace,
+                                      last_only=last_position_only and layer is self.layers[-1])
         if output_hidden_states:
             all_hidden += (hidden_states,)
         if self.post_layer_norm:
@@ -550,11 +585,14 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         output_attentions: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        last_position_only: bool = False,
         **kwargs: Any,
     ) -> Union[BaseModelOutputWithPast, tuple]:
         """input_ids [b, s] (or inputs_embeds [b, s, hidden]); attention_mask [b, past + s] of 1/0 (left or right
         padding) or a 4D mask [b, 1, s, kv]; position_ids [b, s] (default: from the mask, else past + 0..s-1).
-        → last_hidden_state [b, s, hidden] after the final norm, past_key_values (a cache object)."""
+        → last_hidden_state [b, s, hidden] after the final norm, past_key_values (a cache object).
+        `last_position_only` (inference): last_hidden_state is [b, 1, hidden], the last position's, and the last
+        layer computes nothing else (the cache still gets every position's keys and values)."""
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else self.config.output_hidden_states)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
@@ -598,7 +636,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if cache_position is None and past_len is not None and cache_is_static(cache):
             cache_position = torch.arange(past_len, past_len + query_len, device=inputs_embeds.device)
         hidden_states, all_hidden = self.encoder(inputs_embeds, rotary, mask, cache, output_hidden_states,
-                                                 cache_position, input_is_scratch=input_ids is not None)
+                                                 cache_position, input_is_scratch=input_ids is not None,
+                                                 last_position_only=last_position_only and past_len is not None)
         presents = cache if use_cache else None
         output = BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=presents,
                                          hidden_states=all_hidden, attentions=None)
@@ -721,7 +760,8 @@ class ChatGLMForConditionalGeneration(ChatGLMChatMixin, ChatGLMPreTrainedModel, 
         outputs = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                    output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                                   return_dict=True, cache_position=kwargs.get("cache_position"))
+                                   return_dict=True, cache_position=kwargs.get("cache_position"),
+                                   last_position_only=return_last_logit and labels is None)
         hidden_states = outputs.last_hidden_state
         if return_last_logit:
             hidden_states = hidden_states[:, -1:]

@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_config, tiny_model
 
-from chatglm.compat_chatglm import as_cache, new_dynamic_cache
+from chatglm.compat_chatglm import as_cache, cache_layer, new_dynamic_cache
 from chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
 
 PROMPT_LENGTHS = (3, 7, 11)
@@ -284,6 +284,29 @@ def test_long_input_chunked_path_matches(monkeypatch, model64):
     step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
     torch.testing.assert_close(model64(input_ids=step, attention_mask=step_mask, past_key_values=chunked.past_key_values).logits,
                                model64(input_ids=step, attention_mask=step_mask, past_key_values=plain.past_key_values).logits)
+
+
+@pytest.mark.parametrize("chunk", [None, 4], ids=["plain", "chunked"])
+@torch.no_grad()
+def test_last_logit_prefill_computes_the_last_layer_for_the_last_position_only(monkeypatch, model64, chunk):
+    """return_last_logit (what generate's prefill asks) runs the last layer on the last position only: the same
+    last logits and the same cache (every layer's keys and values) as the full forward, left padding included."""
+    import chatglm.modeling_chatglm as modeling
+
+    if chunk:
+        monkeypatch.setattr(modeling, "PREFILL_CHUNK", chunk)
+    ids, mask = left_pad(random_prompts(seed=14, lengths=(6, 11)))
+    full = model64(input_ids=ids, attention_mask=mask, use_cache=True)
+    calls = []
+    last = model64.transformer.encoder.layers[-1]
+    monkeypatch.setattr(last.mlp, "forward", lambda x, f=last.mlp.forward: calls.append(x.shape[1]) or f(x))
+    fast = model64(input_ids=ids, attention_mask=mask, use_cache=True, return_last_logit=True)
+    assert calls == [1], "the last layer's MLP should see one position"
+    assert fast.logits.shape == (2, 1, full.logits.shape[-1])
+    torch.testing.assert_close(fast.logits[:, 0], full.logits[:, -1], rtol=1e-10, atol=1e-10)
+    for layer in range(model64.config.num_layers):
+        for got, want in zip(cache_layer(fast.past_key_values, layer), cache_layer(full.past_key_values, layer)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @torch.no_grad()
