@@ -57,13 +57,58 @@ def run(length: int, backend: str, mode: str, layout: str) -> dict:
     return result
 
 
+def blocked(length: int, block: int) -> dict:
+    """The causal triangle as square blocks of `block` queries x keys (off-diagonal blocks unmasked), each an SDPA
+    call whose keys/values fit in L2; times the calls only (merging the blocks' outputs is not included)."""
+    q = torch.randn(1, 32, length, 128, dtype=torch.float16, device="cuda")
+    k = torch.randn(1, 2, length, 128, dtype=torch.float16, device="cuda")
+    v = torch.randn_like(k)
+    result = {"length": length, "mode": "blocks", "block": block}
+    n = length // block
+
+    def call():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            for i in range(n):
+                qi = q[:, :, i * block:(i + 1) * block]
+                for j in range(i + 1):
+                    kj, vj = k[:, :, j * block:(j + 1) * block], v[:, :, j * block:(j + 1) * block]
+                    F.scaled_dot_product_attention(qi, kj, vj, is_causal=i == j, enable_gqa=True)
+    try:
+        call()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        result.update(seconds=round(seconds, 4), tflops=round(4 * length * length * 128 * 32 / 2 / seconds / 1e12, 1))
+    except Exception as error:
+        result["error"] = f"{type(error).__name__}: {error}"[:200]
+    try:  # does the private cuDNN op give the log-sum-exp a merge would need, with grouped kv heads?
+        out = torch.ops.aten._scaled_dot_product_cudnn_attention(q[:, :16, :block], k[:, :1, :block].expand(-1, 16, -1, -1),
+                                                                 v[:, :1, :block].expand(-1, 16, -1, -1), None, True,
+                                                                 0.0, True, False)
+        result["private_lse_shape"] = list(out[1].shape)
+    except Exception as error:
+        result["private_error"] = f"{type(error).__name__}: {error}"[:200]
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
     parser.add_argument("--backends", nargs="+", default=["FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"])
     parser.add_argument("--modes", nargs="+", default=["gqa", "expand", "groups"])
     parser.add_argument("--layouts", nargs="+", default=["bhsd", "bshd"])
+    parser.add_argument("--blocks", type=int, nargs="*", default=[],
+                        help="instead: time the causal triangle as square SDPA calls of this many tokens")
     args = parser.parse_args()
+    if args.blocks:
+        for length in args.lengths:
+            for block in args.blocks:
+                blocked(length, block)
+                torch.cuda.empty_cache()
+        return
     for length in args.lengths:
         for backend in args.backends:
             for mode in args.modes:
