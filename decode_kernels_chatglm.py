@@ -441,9 +441,10 @@ def load_configs(path: Optional[str] = None) -> None:
 
 @dataclass
 class GemvLaunch:
-    """How `fused_linear` launches one shape: a (tiles, splits) grid, each program BLOCK_N outputs by k_split
-    inputs."""
+    """How `fused_linear` launches one shape: a (tiles, splits) grid, each program BLOCK_N of the n outputs by
+    k_split inputs."""
 
+    n: int
     block_n: int
     block_k: int
     warps: int
@@ -461,8 +462,8 @@ def gemv_config(n: int, k: int, bits: int, epilogue: int, rows: int) -> GemvLaun
     block_k = max(32, min(block_k, triton.next_power_of_2(k)))
     block_n = max(16, min(block_n, triton.next_power_of_2(n)))
     k_split = triton.cdiv(triton.cdiv(k, rest[0] if rest else 1), block_k) * block_k
-    return GemvLaunch(block_n, block_k, warps, stages, bool(dot) or rows > 1 or bits != 16, triton.cdiv(k, k_split),
-                      k_split, triton.cdiv(n, block_n))
+    return GemvLaunch(n, block_n, block_k, warps, stages, bool(dot) or rows > 1 or bits != 16,
+                      triton.cdiv(k, k_split), k_split, triton.cdiv(n, block_n))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -532,8 +533,7 @@ class SplitScratch:
         launch = gemv_launch(linear, epilogue, rows)
         if launch.splits == 1:
             return 0, 0
-        return launch.splits * rows * 2 * (linear.out_features // 2 if epilogue == EPI_SWIGLU
-                                           else linear.out_features), launch.tiles
+        return launch.splits * rows * 2 * launch.n, launch.tiles
 
 
 def fused_linear(x: torch.Tensor, linear: LinearWeights, out: torch.Tensor, epilogue: int = EPI_STORE,
@@ -554,18 +554,17 @@ def fused_linear(x: torch.Tensor, linear: LinearWeights, out: torch.Tensor, epil
     index (first on ties), leaving out the ids in `banned` (int64, a power-of-two count).
     """
     m, k = x.shape
-    n = linear.out_features // 2 if epilogue == EPI_SWIGLU else linear.out_features
-    launch = gemv_config(n, k, linear.bits, epilogue, m)
+    launch = gemv_launch(linear, epilogue, m)
     if norm_weight is not None and ssq_in is None:
         ssq_in = (row_sum_squares(x), 1)
     if epilogue == EPI_RESIDUAL and ssq_out is None:
         ssq_out = torch.empty(m, SSQ_STRIDE, dtype=torch.float32, device=x.device)
     if launch.splits > 1 and scratch is None:
         scratch = SplitScratch(*SplitScratch.size_for(linear, epilogue, m), x.device)
-    weight = dummy = linear.weight
+    dummy = linear.weight
     rot = rotary
     _KERNELS["gemv"][(launch.tiles, launch.splits)](
-        x, norm_weight if norm_weight is not None else dummy, weight,
+        x, norm_weight if norm_weight is not None else dummy, linear.weight,
         linear.scale if linear.scale is not None else dummy, linear.bias if linear.bias is not None else dummy,
         residual if residual is not None else dummy, out, ssq_in[0] if ssq_in else dummy,
         ssq_out if ssq_out is not None else dummy,
@@ -573,7 +572,7 @@ def fused_linear(x: torch.Tensor, linear: LinearWeights, out: torch.Tensor, epil
         rot.slot if rot else dummy, rot.keys if rot else dummy, rot.values if rot else dummy,
         scratch.partial if scratch else dummy, scratch.counts if scratch else dummy,
         argmax[0] if argmax else dummy, argmax[1] if argmax else dummy, banned if banned is not None else dummy,
-        m, n, k, launch.k_split, eps, x.stride(0), weight.stride(0),
+        m, launch.n, k, launch.k_split, eps, x.stride(0), linear.weight.stride(0),
         residual.stride(0) if residual is not None else 0, out.stride(0), ssq_in[1] if ssq_in else 0, SSQ_STRIDE,
         rot.q_size if rot else 0, rot.kv_size if rot else 0,
         rot.keys.stride(0) if rot else 0, rot.keys.stride(1) if rot else 0, rot.keys.stride(2) if rot else 0,

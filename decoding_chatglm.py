@@ -120,7 +120,8 @@ class CompiledDecoder:
         # int8/int4 linears); None: the model's own forward, compiled.
         self.fused = FusedDecodeStep.build(model, self.cache.keys, self.cache.values, batch, capacity) \
             if compile or device.type != "cuda" else None
-        steps = {"logits": self._logits_step, "greedy": self._greedy_step, "greedy_banned": self._greedy_banned_step}
+        steps = {"logits": self._logits_step, "greedy": self._greedy_step,
+                 "greedy_banned": lambda: self._greedy_step(self.banned)}
         # CHATGLM_COMPILE_MODE picks torch.compile's mode (e.g. "max-autotune-no-cudagraphs": slower to build,
         # autotunes the matrix products); the CUDA graph is ours either way.
         mode = os.environ.get("CHATGLM_COMPILE_MODE") or None
@@ -148,18 +149,13 @@ class CompiledDecoder:
         self.slot.add_(1)
         return out.logits[:, -1].float()
 
-    def _greedy_step(self) -> torch.Tensor:
-        """A logits step whose argmax becomes the next token to feed → that token [b, 1]."""
+    def _greedy_step(self, banned: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A logits step whose argmax (never an id in `banned`) becomes the next token to feed → that token [b, 1]."""
         if self.fused is not None:
-            return self.fused(self.token, self.position, self.slot, self.key_valid, greedy=True)
-        self.token.copy_(self._logits_step().argmax(dim=-1, keepdim=True))
-        return self.token
-
-    def _greedy_banned_step(self) -> torch.Tensor:
-        """A greedy step that never picks the ids in `banned` → the token [b, 1]."""
-        if self.fused is not None:
-            return self.fused(self.token, self.position, self.slot, self.key_valid, greedy=True, banned=self.banned)
-        logits = self._logits_step().index_fill(1, self.banned, float("-inf"))
+            return self.fused(self.token, self.position, self.slot, self.key_valid, greedy=True, banned=banned)
+        logits = self._logits_step()
+        if banned is not None:
+            logits = logits.index_fill(1, banned, float("-inf"))
         self.token.copy_(logits.argmax(dim=-1, keepdim=True))
         return self.token
 

@@ -49,6 +49,11 @@ logger = logging.get_logger(__name__)
 PREFILL_CHUNK = 8192
 
 
+def prefill_chunks(length: int) -> list[slice]:
+    """Consecutive slices of at most PREFILL_CHUNK positions covering [0, length)."""
+    return [slice(start, min(start + PREFILL_CHUNK, length)) for start in range(0, length, PREFILL_CHUNK)]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------------------------------
@@ -324,8 +329,7 @@ class GLMBlock(nn.Module):
         query = hidden_states.new_empty(b, attention.num_heads, s, attention.head_dim)
         key = hidden_states.new_empty(b, attention.num_kv_heads, s, attention.head_dim)
         value = torch.empty_like(key)
-        for start in range(0, s, PREFILL_CHUNK):
-            part = slice(start, min(start + PREFILL_CHUNK, s))
+        for part in prefill_chunks(s):
             normed = self.input_layernorm(hidden_states[:, part])
             query[:, :, part], key[:, :, part], value[:, :, part] = attention.project(
                 normed, (cos[:, :, part], sin[:, :, part]))
@@ -339,7 +343,7 @@ class GLMBlock(nn.Module):
         the query and the attention context exist at full length (the 2·ffn-wide MLP activation never does)."""
         attention = self.self_attention
         b, s, _ = hidden_states.shape
-        chunks = [slice(start, min(start + PREFILL_CHUNK, s)) for start in range(0, s, PREFILL_CHUNK)]
+        chunks = prefill_chunks(s)
         query, key, value = self._project_all(hidden_states, rotary)
         context = attention.attend(query, key, value, mask, past_key_values, cache_position)
         del query, key, value
@@ -424,8 +428,7 @@ class GLMTransformer(nn.Module):
         if s <= PREFILL_CHUNK or torch.is_grad_enabled():
             return self.final_layernorm(hidden_states)
         out = hidden_states if inplace else torch.empty_like(hidden_states)
-        for start in range(0, s, PREFILL_CHUNK):
-            part = slice(start, min(start + PREFILL_CHUNK, s))
+        for part in prefill_chunks(s):
             out[:, part] = self.final_layernorm(hidden_states[:, part])
         return out
 
