@@ -41,6 +41,8 @@ from .compat_chatglm import (
 from .configuration_chatglm import ChatGLMConfig
 from .decode_kernels_chatglm import FUSED_ENV as _FUSED_ENV  # noqa: F401  (imported by decoding_chatglm)
 from .decoding_chatglm import fast_generate, fast_path_supports
+from .prefill_kernels_chatglm import enabled as fused_prefill_enabled
+from .prefill_kernels_chatglm import long_causal_attention, rms_norm, rotary_split, swiglu
 
 logger = logging.get_logger(__name__)
 
@@ -194,6 +196,10 @@ def decode_attention(query, key, value, mask):
 def sdpa_attention(query, key, value, mask, is_causal, dropout_p):
     if query.shape[2] == 1 and key.shape[1] < query.shape[1] and dropout_p == 0.0:
         return decode_attention(query, key, value, mask)
+    if is_causal and mask is None and dropout_p == 0.0:
+        context = long_causal_attention(query, key, value)  # None unless long, CUDA and inference
+        if context is not None:
+            return context
     return sdpa(query, key, value, mask, is_causal, dropout_p)
 
 
@@ -326,13 +332,19 @@ class GLMBlock(nn.Module):
         if s <= PREFILL_CHUNK or torch.is_grad_enabled():
             return attention.project(self.input_layernorm(hidden_states), rotary)
         cos, sin = rotary
-        query = hidden_states.new_empty(b, attention.num_heads, s, attention.head_dim)
+        # query in [b, s, heads, d] memory: the attention output follows it, so `dense` reads it without a copy
+        query = hidden_states.new_empty(b, s, attention.num_heads, attention.head_dim).transpose(1, 2)
         key = hidden_states.new_empty(b, attention.num_kv_heads, s, attention.head_dim)
         value = torch.empty_like(key)
+        fused = fused_prefill_enabled(hidden_states)
         for part in prefill_chunks(s):
-            normed = self.input_layernorm(hidden_states[:, part])
-            query[:, :, part], key[:, :, part], value[:, :, part] = attention.project(
-                normed, (cos[:, :, part], sin[:, :, part]))
+            normed = _norm(self.input_layernorm, hidden_states[:, part], fused)
+            if fused:
+                rotary_split(attention.query_key_value(normed), cos[:, :, part], sin[:, :, part], query[:, :, part],
+                             key[:, :, part], value[:, :, part])
+            else:
+                query[:, :, part], key[:, :, part], value[:, :, part] = attention.project(
+                    normed, (cos[:, :, part], sin[:, :, part]))
         return query, key, value
 
     @torch.no_grad()
@@ -347,15 +359,44 @@ class GLMBlock(nn.Module):
         query, key, value = self._project_all(hidden_states, rotary)
         context = attention.attend(query, key, value, mask, past_key_values, cache_position)
         del query, key, value
+        fused = fused_prefill_enabled(hidden_states)
         out = hidden_states if inplace else torch.empty_like(hidden_states)
         for part in chunks:
             step = context[:, :, part].transpose(1, 2).reshape(b, part.stop - part.start, -1)
-            out[:, part] = hidden_states[:, part] + attention.dense(step)
+            if fused and inplace:
+                _add_linear_(out[:, part], attention.dense, step)
+            else:
+                out[:, part] = hidden_states[:, part] + attention.dense(step)
         del context
+        mlp = self.mlp
         for part in chunks:
             residual = out[:, part]
-            out[:, part] = residual + self.mlp(self.post_attention_layernorm(residual))
+            if fused:
+                act = swiglu(mlp.dense_h_to_4h(_norm(self.post_attention_layernorm, residual, fused)))
+                _add_linear_(residual, mlp.dense_4h_to_h, act)
+            else:
+                out[:, part] = residual + mlp(self.post_attention_layernorm(residual))
         return out
+
+
+def _add_linear_(residual: torch.Tensor, linear: nn.Module, x: torch.Tensor) -> None:
+    """residual += linear(x) in place ([b, s, n]); a bias-free nn.Linear on one sequence lets cuBLAS add the
+    residual in its epilogue (one rounding instead of two, no temporary)."""
+    if type(linear) is nn.Linear and linear.bias is None and residual.shape[0] == 1 and residual[0].is_contiguous():
+        residual[0].addmm_(x[0], linear.weight.t())
+    else:
+        residual.add_(linear(x))
+
+
+def _norm(norm: RMSNorm, hidden_states: torch.Tensor, fused: bool, out: Optional[torch.Tensor] = None
+          ) -> torch.Tensor:
+    """`norm(hidden_states)`, in one Triton pass when `fused` (written into `out` if given)."""
+    if fused:
+        return rms_norm(hidden_states, norm.weight, norm.eps, out)
+    if out is None:
+        return norm(hidden_states)
+    out.copy_(norm(hidden_states))
+    return out
 
 
 class _FixedPast:
@@ -428,8 +469,9 @@ class GLMTransformer(nn.Module):
         if s <= PREFILL_CHUNK or torch.is_grad_enabled():
             return self.final_layernorm(hidden_states)
         out = hidden_states if inplace else torch.empty_like(hidden_states)
+        fused = fused_prefill_enabled(hidden_states)
         for part in prefill_chunks(s):
-            out[:, part] = self.final_layernorm(hidden_states[:, part])
+            _norm(self.final_layernorm, hidden_states[:, part], fused, out[:, part])
         return out
 
 

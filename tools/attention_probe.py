@@ -9,9 +9,15 @@ import argparse
 import json
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from full_shape_check import import_package  # noqa: E402
 
 
 def run(length: int, backend: str, mode: str, layout: str) -> dict:
@@ -58,40 +64,58 @@ def run(length: int, backend: str, mode: str, layout: str) -> dict:
 
 
 def blocked(length: int, block: int) -> dict:
-    """The causal triangle as square blocks of `block` queries x keys (off-diagonal blocks unmasked), each an SDPA
-    call whose keys/values fit in L2; times the calls only (merging the blocks' outputs is not included)."""
-    q = torch.randn(1, 32, length, 128, dtype=torch.float16, device="cuda")
+    """The causal triangle as square blocks of `block` queries x keys (off-diagonal blocks unmasked), each a cuDNN
+    call whose keys/values fit in L2, merged by log-sum-exp: the package's `blocked_causal_attention`, timed with
+    its merges, and its largest difference from one cuDNN call."""
+    from chatglm.prefill_kernels_chatglm import _lse_attention_works, blocked_causal_attention
+
+    q = torch.randn(1, length, 32, 128, dtype=torch.float16, device="cuda").transpose(1, 2)  # as the model lays it
     k = torch.randn(1, 2, length, 128, dtype=torch.float16, device="cuda")
     v = torch.randn_like(k)
-    result = {"length": length, "mode": "blocks", "block": block}
-    n = length // block
-
-    def call():
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            for i in range(n):
-                qi = q[:, :, i * block:(i + 1) * block]
-                for j in range(i + 1):
-                    kj, vj = k[:, :, j * block:(j + 1) * block], v[:, :, j * block:(j + 1) * block]
-                    F.scaled_dot_product_attention(qi, kj, vj, is_causal=i == j, enable_gqa=True)
+    result = {"length": length, "mode": "blocks", "block": block, "lse_check": _lse_attention_works(q)}
     try:
-        call()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        result.update(seconds=round(seconds, 4), tflops=round(4 * length * length * 128 * 32 / 2 / seconds / 1e12, 1))
+        with torch.no_grad():
+            out = blocked_causal_attention(q, k, v, block)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = blocked_causal_attention(q, k, v, block)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                whole = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        result.update(seconds=round(seconds, 4), tflops=round(4 * length * length * 128 * 32 / 2 / seconds / 1e12, 1),
+                      max_abs_diff=float((out.float() - whole.float()).abs().max()),
+                      out_stride=list(out.stride()), whole_stride=list(whole.stride()))
     except Exception as error:
         result["error"] = f"{type(error).__name__}: {error}"[:200]
-    try:  # does the private cuDNN op give the log-sum-exp a merge would need, with grouped kv heads?
-        out = torch.ops.aten._scaled_dot_product_cudnn_attention(q[:, :16, :block], k[:, :1, :block].expand(-1, 16, -1, -1),
-                                                                 v[:, :1, :block].expand(-1, 16, -1, -1), None, True,
-                                                                 0.0, True, False)
-        result["private_lse_shape"] = list(out[1].shape)
-    except Exception as error:
-        result["private_error"] = f"{type(error).__name__}: {error}"[:200]
     print(json.dumps(result), flush=True)
     return result
+
+
+def single_calls(length: int, reps: int) -> None:
+    """One cuDNN call (with log-sum-exp, as the blocked path makes them) per shape: causal and unmasked squares, an
+    unmasked rectangle of 3x the keys; 16 query heads on one stride-0 kv head vs 32 heads on copied k/v."""
+    from chatglm.prefill_kernels_chatglm import _attention_with_lse
+
+    for heads, keys, causal in [(16, length, True), (16, length, False), (16, 3 * length, False),
+                                (32, length, True), (32, length, False)]:
+        q = torch.randn(1, length, heads, 128, dtype=torch.float16, device="cuda").transpose(1, 2)
+        k, v = (torch.randn(1, 1, keys, 128, dtype=torch.float16, device="cuda").expand(1, heads, keys, 128)
+                for _ in range(2))
+        if heads == 32:
+            k, v = k.contiguous(), v.contiguous()
+        _attention_with_lse(q, k, v, causal)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            _attention_with_lse(q, k, v, causal)
+        torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / reps
+        flops = 4 * length * keys * 128 * heads / (2 if causal else 1)
+        print(json.dumps({"queries": length, "keys": keys, "heads": heads, "causal": causal, "reps": reps,
+                          "seconds": round(seconds, 5), "tflops": round(flops / seconds / 1e12, 1)}), flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -101,8 +125,15 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["gqa", "expand", "groups"])
     parser.add_argument("--layouts", nargs="+", default=["bhsd", "bshd"])
     parser.add_argument("--blocks", type=int, nargs="*", default=[],
-                        help="instead: time the causal triangle as square SDPA calls of this many tokens")
+                        help="instead: time the causal triangle as square cuDNN calls of this many tokens, merged")
+    parser.add_argument("--single-calls", action="store_true", help="instead: time single cuDNN calls per shape")
+    parser.add_argument("--reps", type=int, default=3, help="--single-calls: back-to-back repetitions timed")
     args = parser.parse_args()
+    import_package()
+    if args.single_calls:
+        for length in args.lengths:
+            single_calls(length, args.reps)
+        return
     if args.blocks:
         for length in args.lengths:
             for block in args.blocks:

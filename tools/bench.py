@@ -103,7 +103,7 @@ def measure_long_prefill(name: str, model, args, length: int, peer: bool) -> dic
     result = {"system": name, "prefill_tokens": length}
     try:
         with torch.no_grad():
-            model(input_ids=ids[:, :1024], use_cache=True, **last)  # warm-up
+            model(input_ids=ids, use_cache=True, **last)  # warm-up at full length: the first call compiles kernels
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             seconds = timed(lambda: model(input_ids=ids, use_cache=True, **last), args.device)
