@@ -37,13 +37,17 @@ tl = None
 
 
 def enabled(x: torch.Tensor) -> bool:
-    """Whether the fused prefill kernels apply to activations like `x` (CUDA or interpreted, fp16/bf16, no grad)."""
+    """Whether the fused prefill kernels apply to activations like `x` (CUDA sm_80+ or the Triton interpreter,
+    fp16/bf16, no grad)."""
     if os.environ.get(FUSED_PREFILL_ENV, "1") == "0" or torch.is_grad_enabled():
         return False
     if x.dtype not in (torch.float16, torch.bfloat16):
         return False
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if not (x.is_cuda or (interpreted and x.device.type == "cpu")):
+    if x.is_cuda:
+        if torch.cuda.get_device_capability(x.device) < (8, 0):  # Triton's bf16 and these tiles want sm_80+
+            return False
+    elif not (interpreted and x.device.type == "cpu"):
         return False
     return _load_triton()
 

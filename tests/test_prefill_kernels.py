@@ -199,3 +199,25 @@ def test_padded_left_batch_keeps_torch_attention(monkeypatch):
     with torch.no_grad():
         out = model(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE))
     assert torch.isfinite(out.logits.float()).all()
+
+
+@torch.no_grad()
+def test_blocked_attention_falls_back_when_the_log_sum_exp_op_fails(monkeypatch):
+    """Where the private cuDNN op is missing or fails (other torch versions, other GPUs), the check turns the blocked
+    path off once, and long inputs take the one-call SDPA path with the same result."""
+    import chatglm.modeling_chatglm as modeling
+    from chatglm import prefill_kernels_chatglm as kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no such op here")
+
+    monkeypatch.setattr(modeling, "PREFILL_CHUNK", 4)
+    monkeypatch.setattr(kernels, "MIN_BLOCKED_LENGTH", 16)
+    monkeypatch.setattr(kernels, "_attention_with_lse", broken)
+    monkeypatch.setitem(kernels._STATE, "lse_attention", None)
+    model = tiny_model(seed=7).to(DEVICE, torch.float16)
+    ids = torch.randint(10, 500, (1, 21), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    got = model(input_ids=ids).logits
+    assert kernels._STATE["lse_attention"] is False
+    monkeypatch.setattr(kernels, "MIN_BLOCKED_LENGTH", 10 ** 9)  # the path the fallback should have taken
+    torch.testing.assert_close(got, model(input_ids=ids).logits, rtol=0, atol=0)
