@@ -163,11 +163,6 @@ def _define_kernels() -> None:
                     lse_merge=_lse_merge_kernel)
 
 
-def _rows(x: torch.Tensor) -> tuple[int, int, int]:
-    """[b, s, n] (last dim contiguous) → (s, stride_b, stride_s): rows are addressed as (row // s, row % s)."""
-    return x.shape[1], x.stride(0), x.stride(1)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """RMSNorm of x [b, s, hidden] → [b, s, hidden] in x's dtype (into `out` if given)."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
