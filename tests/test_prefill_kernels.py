@@ -130,10 +130,10 @@ def test_blocked_causal_attention_matches_one_call(length, block):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="cuDNN attention needs a GPU")
 @torch.no_grad()
-def test_cudnn_log_sum_exp_blocks_match_sdpa():
+def test_cudnn_log_sum_exp_blocks_match_sdpa(monkeypatch):
     from chatglm import prefill_kernels_chatglm as kernels
 
-    kernels._STATE["lse_attention"] = None  # checked afresh
+    monkeypatch.setitem(kernels._STATE, "lse_attention", None)  # checked afresh
     assert kernels._lse_attention_works(torch.empty(1, 1, 1, 128, dtype=torch.float16, device="cuda"))
 
 
