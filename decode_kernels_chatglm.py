@@ -24,11 +24,14 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from .int4_kernels_chatglm import GluonLaunch, gluon_launch, int4_gemv
+from .int4_kernels_chatglm import load_configs as load_gluon_configs
 
 logger = logging.getLogger(__name__)
 
@@ -437,6 +440,7 @@ def load_configs(path: Optional[str] = None) -> None:
     from .quantization import merge_launch_table
 
     merge_launch_table(GEMV_CONFIGS, path or os.environ.get(CONFIG_ENV))
+    load_gluon_configs()
 
 
 @dataclass
@@ -453,6 +457,7 @@ class GemvLaunch:
     splits: int
     k_split: int
     tiles: int
+    gluon: Optional[GluonLaunch] = None  # int4 fp16 shapes the Gluon GEMV serves (int4_kernels_chatglm)
 
 
 def gemv_config(n: int, k: int, bits: int, epilogue: int, rows: int) -> GemvLaunch:
@@ -516,7 +521,13 @@ def row_sum_squares(x: torch.Tensor) -> torch.Tensor:
 
 def gemv_launch(linear: LinearWeights, epilogue: int, rows: int) -> GemvLaunch:
     n = linear.out_features // 2 if epilogue == EPI_SWIGLU else linear.out_features
-    return gemv_config(n, linear.in_features, linear.bits, epilogue, rows)
+    launch = gemv_config(n, linear.in_features, linear.bits, epilogue, rows)
+    if linear.bits == 4:
+        gluon = gluon_launch(n, linear.in_features, linear.bits, epilogue, rows, linear.scale.dtype,
+                             linear.bias is not None, linear.weight.device)
+        if gluon is not None:
+            launch = replace(launch, splits=gluon.splits, tiles=gluon.tiles, gluon=gluon)
+    return launch
 
 
 class SplitScratch:
@@ -561,6 +572,11 @@ def fused_linear(x: torch.Tensor, linear: LinearWeights, out: torch.Tensor, epil
         ssq_out = torch.empty(m, SSQ_STRIDE, dtype=torch.float32, device=x.device)
     if launch.splits > 1 and scratch is None:
         scratch = SplitScratch(*SplitScratch.size_for(linear, epilogue, m), x.device)
+    if launch.gluon is not None:
+        if scratch is None:
+            scratch = SplitScratch(0, 0, x.device)
+        return int4_gemv(launch.gluon, x, linear.weight, linear.scale, out, epilogue, norm_weight, eps, ssq_in,
+                         residual, ssq_out, scratch.partial, scratch.counts, SSQ_STRIDE, PDL_MODE)
     dummy = linear.weight
     rot = rotary
     _KERNELS["gemv"][(launch.tiles, launch.splits)](

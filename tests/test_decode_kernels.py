@@ -80,6 +80,11 @@ def test_fused_step_matches_model_forward(bits, config, padded, monkeypatch):
     model = tiny_model(seed=5).half().to(DEVICE)
     if bits != 16:
         model.quantize(bits, backend="torch")
+    _compare_steps(model, padded)
+
+
+def _compare_steps(model, padded):
+    """Fused and compiled steps from the same prefilled cache, fed the same tokens: same logits and cache writes."""
     prompts = random_prompts(seed=6) if padded else [random_prompts(seed=6)[0]]
     ids, mask = left_pad(prompts)
     ids, mask = ids.to(DEVICE), mask.to(DEVICE)
@@ -99,6 +104,33 @@ def test_fused_step_matches_model_forward(bits, config, padded, monkeypatch):
         fused.token.copy_(token)
         plain.token.copy_(token)
     assert torch.equal(fused.position, plain.position) and torch.equal(fused.slot, plain.slot)
+
+
+# (BLOCK_N, units, warps, prefetch, split-K) of the Gluon int4 GEMV for the model below: K = 256 is 2 units of 128
+# columns, 384 is 3, so 2 units per step leave a part-tile at the end of K, and 2 splits of 384 an uneven split.
+GLUON_CASES = [(64, 1, 4, 0, 1), (64, 2, 4, 2, 2), (128, 2, 8, 0, 3)]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the Gluon int4 GEMV runs compiled on CUDA only (no interpreter)")
+@pytest.mark.parametrize("config", GLUON_CASES, ids=["one-unit", "part-tile-split-2", "8-warps-split-3"])
+@pytest.mark.parametrize("padded", [False, True], ids=["one-row", "left-padded-batch"])
+@torch.no_grad()
+def test_gluon_int4_step_matches_model_forward(config, padded, monkeypatch):
+    from chatglm import decode_kernels_chatglm as kernels
+    from chatglm import int4_kernels_chatglm as gluon
+
+    if not gluon.available(torch.device(DEVICE)):
+        pytest.skip("Triton without Gluon, or a GPU older than sm_80: the fused step keeps its Triton GEMV")
+    hidden, ffn = 256, 384
+    monkeypatch.setattr(gluon, "GLUON_CONFIGS", {(hidden, hidden, kernels.EPI_RESIDUAL): config,
+                                                 (hidden, ffn, kernels.EPI_RESIDUAL): config,
+                                                 (ffn, hidden, kernels.EPI_SWIGLU): config})
+    model = tiny_model(seed=5, hidden_size=hidden, kv_channels=64, ffn_hidden_size=ffn).half().to(DEVICE)
+    model.quantize(4, backend="torch")
+    mlp = model.transformer.encoder.layers[0].mlp
+    for linear, epilogue in ((mlp.dense_h_to_4h, kernels.EPI_SWIGLU), (mlp.dense_4h_to_h, kernels.EPI_RESIDUAL)):
+        assert kernels.gemv_launch(kernels.LinearWeights.of(linear), epilogue, 1).gluon is not None
+    _compare_steps(model, padded)
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["one-row", "left-padded-batch"])
