@@ -34,10 +34,10 @@ UNIT = 128  # columns per thread-row unit: 4 threads x 16 bytes x 2 nibbles
 
 # (BLOCK_N, units per iteration, warps, prefetch 0/2, split-K) per (n, k, epilogue); epilogues as in
 # decode_kernels_chatglm (0 store, 1 residual, 2 SwiGLU). Shapes not listed stay on the Triton GEMV.
-# Measured on an H200 / H100 with tools/int4_gemv_check.py.
+# The fastest on both an H200 and an H100 (tools/int4_gemv_check.py --sweep; docs/quantization.md).
 GLUON_CONFIGS: Dict[Tuple[int, int, int], Tuple[int, int, int, int, int]] = {
     (4096, 4096, 1): (64, 4, 4, 0, 8),  # dense
-    (4096, 13696, 1): (64, 2, 4, 0, 8),  # 4h_to_h (107 units: the last split ends in a part-tile)
+    (4096, 13696, 1): (64, 4, 4, 0, 8),  # 4h_to_h (107 units: the last split ends in a part-tile)
     (13696, 4096, 2): (64, 2, 4, 0, 2),  # h_to_4h (two 64-row tiles per program: gate and up)
 }
 
@@ -214,8 +214,9 @@ def _define_kernels() -> None:
             x_ptr, nw_ptr, w_ptr, s_ptr, r_ptr, y_ptr, ssq_in_ptr, ssq_out_ptr, part_ptr, count_ptr,
             M, N, K, K_WORDS, UNITS_PER_SPLIT, eps, stride_xm, stride_rm, stride_ym, PARTS_IN, SSQ_STRIDE,
             EPILOGUE: ttgl.constexpr, NORM: ttgl.constexpr, PDL: ttgl.constexpr, SPLIT: ttgl.constexpr,
-            PREFETCH: ttgl.constexpr, BN: ttgl.constexpr, KU: ttgl.constexpr, WL: ttgl.constexpr,
-            XL: ttgl.constexpr, MMA: ttgl.constexpr, AL: ttgl.constexpr, BL: ttgl.constexpr, SL: ttgl.constexpr):
+            PREFETCH: ttgl.constexpr, TAIL: ttgl.constexpr, BN: ttgl.constexpr, KU: ttgl.constexpr,
+            WL: ttgl.constexpr, XL: ttgl.constexpr, MMA: ttgl.constexpr, AL: ttgl.constexpr, BL: ttgl.constexpr,
+            SL: ttgl.constexpr):
         # Program (pid, pid_k): outputs [pid*BN, +BN) (and N + those: the up half of SwiGLU) of the M <= 8 rows,
         # over units [pid_k * UNITS_PER_SPLIT, +UNITS_PER_SPLIT). Same contract as decode_kernels_chatglm's
         # _fused_gemv_kernel: split-K partials [SPLIT, M, 2N], last arriver sums them in a fixed order.
@@ -298,7 +299,7 @@ def _define_kernels() -> None:
                 wp += W_STEP
                 xp += 128 * KU
                 nwp += 128 * KU
-        if tail > 0:  # the last units of K: a masked tile, x zeroed past the end
+        if TAIL and tail > 0:  # the last units of K: a masked tile, x zeroed past the end
             w_tail = wp0 + n_iter * W_STEP
             w = ttgl.load(w_tail, mask=(d1 // 4 < tail)[None, :, None], other=0)
             x_odd, x_even = _x_tile(xp0 + n_iter * 128 * KU, nwp0 + n_iter * 128 * KU, rstd, KU, NORM,
@@ -356,7 +357,8 @@ def _define_kernels() -> None:
 
 
 def int4_gemv(launch: GluonLaunch, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
-              epilogue: int, norm_weight: Optional[torch.Tensor], eps: float, ssq_in: Optional[Tuple[torch.Tensor, int]],
+              epilogue: int, norm_weight: Optional[torch.Tensor], eps: float,
+              ssq_in: Optional[Tuple[torch.Tensor, int]],
               residual: Optional[torch.Tensor], ssq_out: Optional[torch.Tensor], partial: torch.Tensor,
               counts: torch.Tensor, ssq_stride: int, pdl: int) -> torch.Tensor:
     """The `fused_linear` contract (decode_kernels_chatglm) for official int4 weights [n_out, k / 2] int8."""
@@ -370,6 +372,7 @@ def int4_gemv(launch: GluonLaunch, x: torch.Tensor, weight: torch.Tensor, scale:
         m, n, k, k // 4, launch.units_per_split, eps, x.stride(0),
         residual.stride(0) if residual is not None else 0, out.stride(0), ssq_in[1] if ssq_in else 0, ssq_stride,
         EPILOGUE=epilogue, NORM=norm_weight is not None, PDL=pdl, SPLIT=launch.splits, PREFETCH=launch.prefetch,
+        TAIL=(k // UNIT) % launch.units != 0,
         BN=launch.block_n, KU=launch.units, num_warps=launch.warps,
         **_layouts(launch.block_n, launch.units, launch.warps), **({"launch_pdl": True} if pdl else {}))
     return out

@@ -72,7 +72,8 @@ def check(results):
         triton_ = run(name, lin, x, out, res, nw, scratch).clone()
         G.GLUON_CONFIGS[key] = table[key]
         ref = reference(name, w, x, res, nw)
-        row = {"gluon_vs_f32": rel(gluon, ref), "triton_vs_f32": rel(triton_, ref), "gluon_vs_triton": rel(gluon, triton_)}
+        row = {"gluon_vs_f32": rel(gluon, ref), "triton_vs_f32": rel(triton_, ref),
+               "gluon_vs_triton": rel(gluon, triton_)}
         tag = f"{name} m={m} split={split} units={units} prefetch={prefetch}"
         results[tag] = row
         worst = max(worst, row["gluon_vs_f32"] / max(row["triton_vs_f32"], 1e-3))
