@@ -41,6 +41,9 @@ from .compat_chatglm import (
 from .configuration_chatglm import ChatGLMConfig
 from .decode_kernels_chatglm import FUSED_ENV as _FUSED_ENV  # noqa: F401  (imported by decoding_chatglm)
 from .decoding_chatglm import fast_generate, fast_path_supports
+# transformers 4.30 copies only the relative imports of this file into its module cache, so every module the
+# package uses is named here
+from .int4_kernels_chatglm import GLUON_ENV as _GLUON_ENV  # noqa: F401  (imported by decode_kernels_chatglm)
 from .prefill_kernels_chatglm import enabled as fused_prefill_enabled
 from .prefill_kernels_chatglm import long_causal_attention, rms_norm, rotary_split, swiglu
 

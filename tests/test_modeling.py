@@ -318,7 +318,8 @@ def test_saved_folder_carries_the_code(tmp_path):
     model = tiny_model(seed=13)
     model.save_pretrained(str(tmp_path))
     for name in ("modeling_chatglm.py", "configuration_chatglm.py", "compat_chatglm.py", "decoding_chatglm.py",
-                 "quantization.py", "chat_chatglm.py", "chat_format.py", "prefill_kernels_chatglm.py"):
+                 "quantization.py", "chat_chatglm.py", "chat_format.py", "prefill_kernels_chatglm.py",
+                 "decode_kernels_chatglm.py", "int4_kernels_chatglm.py"):
         assert (tmp_path / name).is_file(), f"{name} not saved"
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModel"] == "modeling_chatglm.ChatGLMForConditionalGeneration"
