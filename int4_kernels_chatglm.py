@@ -106,7 +106,10 @@ def gluon_launch(n: int, k: int, bits: int, epilogue: int, rows: int, dtype: tor
     total = k // UNIT
     per = -(-total // splits)
     per = -(-per // units) * units
-    if n % block_n or block_n % (16 * warps) or not available(device):
+    powers_of_two = (units, warps, block_n // (16 * warps))  # the register layouts are built from bit bases
+    if n % block_n or block_n % (16 * warps) or any(v < 1 or v & (v - 1) for v in powers_of_two):
+        return None
+    if not available(device):
         return None
     return GluonLaunch(block_n, units, warps, prefetch, -(-total // per), per, n // block_n)
 

@@ -48,9 +48,14 @@ def test_launch_declines_what_it_does_not_serve(kernels, change, why, monkeypatc
     assert launch(kernels, **change) is None, why
 
 
-def test_block_must_fit_the_warps(kernels, monkeypatch):
-    monkeypatch.setitem(kernels.GLUON_CONFIGS, (4096, 13696, EPI_RESIDUAL), (64, 1, 8, 0, 8))  # 8 warps x 16 rows
-    assert launch(kernels) is None
+@pytest.mark.parametrize("config", [(64, 1, 8, 0, 8), (64, 3, 4, 0, 8), (192, 1, 4, 0, 8)],
+                         ids=["block-smaller-than-8-warps", "3-units-per-step", "3-row-blocks-per-warp"])
+def test_configs_the_layouts_cannot_express_are_declined(kernels, monkeypatch, config):
+    n = 3072  # a multiple of every block here, so only the layout rule can decline
+    monkeypatch.setitem(kernels.GLUON_CONFIGS, (n, 13696, EPI_RESIDUAL), (64, 1, 4, 0, 8))
+    assert launch(kernels, n=n) is not None
+    monkeypatch.setitem(kernels.GLUON_CONFIGS, (n, 13696, EPI_RESIDUAL), config)
+    assert launch(kernels, n=n) is None
 
 
 def test_switch_and_cpu_turn_it_off(monkeypatch):
