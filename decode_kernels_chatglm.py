@@ -13,7 +13,8 @@ adds; docs/performance.md). Here every small operation rides along with a weight
 then one more GEMV (final norm + output layer, float32 logits). Weights may be fp16/bf16 ``nn.Linear`` or
 ``QuantizedLinear`` int8/int4 in the official packed layout (dequantized in registers, the same helpers as the
 quantization module's tensor-core GEMV). The products run on tensor cores with the batch rows (<= 16) padded to
-one 16-row tile, accumulating in float32.
+one 16-row tile, accumulating in float32. int4 fp16 GEMVs of the shapes in int4_kernels_chatglm's table (up to 8
+rows) go to its Gluon kernel instead; `gemv_launch` decides, and `fused_linear` runs either with one contract.
 
 `FusedDecodeStep.build` returns None where this does not apply (CPU, no Triton, batch > 16, LoRA or other wrapped
 linears, prefix tuning, odd shapes); the caller then runs the compiled torch step. Set ``CHATGLM_FUSED_DECODE=0``

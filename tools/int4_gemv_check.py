@@ -3,8 +3,8 @@
     python tools/int4_gemv_check.py --out int4_gemv.json --configs-out gluon_configs.json [--sweep]
 
 1. Correctness: each served shape (dense / 4h_to_h with the residual epilogue, h_to_4h with the norm prologue and
-   SwiGLU), batch rows 1, 3 and 8, split-K or not, against float32 torch on the dequantized weights, next to the
-   Triton GEMV it replaces.
+   SwiGLU), batch rows 1, 3 and 8, split 1 / 4, 1 / 4 units per step (with a part-tile where K needs one), prefetch
+   0 / 2, against float32 torch on the dequantized weights, next to the Triton GEMV it replaces.
 2. --sweep: launch configurations per shape, timed as CUDA-graph replays over 28 weight copies (so the L2 holds
    none of them), next to the Triton GEMV on the same weights; the fastest go to --configs-out (load it with
    CHATGLM_GLUON_CONFIGS=that file).
