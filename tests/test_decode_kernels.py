@@ -160,23 +160,24 @@ def test_fused_greedy_step_feeds_back_the_argmax(padded):
                        scores.index_fill(1, greedy.banned, float("-inf")).argmax(-1, keepdim=True))
 
 
+@pytest.mark.parametrize("capacity,block", [(1500, 32), (5000, 64), (9000, 128)])
 @torch.no_grad()
-def test_fused_attention_merges_splits_over_a_long_cache():
-    """Many key splits (the merge by the last finishing split), padded keys ignored, slots past the current one
-    ignored even when they hold stale values."""
+def test_fused_attention_merges_splits_over_a_long_cache(capacity, block):
+    """Many key splits merged, padded keys ignored, slots past the current one ignored even when they hold stale
+    values; each inner block size the cache length picks."""
     from chatglm.decode_kernels_chatglm import AttentionScratch, _load_triton, fused_attention
 
     assert _load_triton()
     torch.manual_seed(0)
-    batch, groups, group, d, capacity = 2, 2, 3, 16, 1500
-    slot = 1450
+    batch, groups, group, d = 2, 2, 3, 16
+    slot = capacity - 50
     keys = torch.randn(batch, groups, capacity, d, device=DEVICE).half()
     values = torch.randn(batch, groups, capacity, d, device=DEVICE).half()
     query = torch.randn(batch, groups * group * d, device=DEVICE).half()
     valid = torch.ones(batch, capacity, dtype=torch.bool, device=DEVICE)
     valid[1, :37] = False  # left padding of row 1
     scratch = AttentionScratch(batch, groups, group, d, capacity, torch.device(DEVICE))
-    assert scratch.splits > 4
+    assert scratch.splits > 4 and scratch.block == block and scratch.chunk % block == 0
     out = torch.empty_like(query)
     fused_attention(query, keys, values, valid.view(torch.uint8), torch.tensor([slot], device=DEVICE), scratch, out)
 

@@ -186,19 +186,26 @@ def sweep(configs_out, bits_list, names):
     return rows
 
 
-def attention_time(results):
+def attention_time(results, block_sets=((32, 64, 128),)):
+    """The decode attention (both kernels) per cache capacity, for each set of inner block sizes (D.ATTN_BLOCKS)."""
     assert D._load_triton()
+    defaults = D.ATTN_BLOCKS
     for capacity, slot in ((1280, 1100), (8192, 8000), (32768, 32000)):
         keys = torch.randn(1, GROUPS, capacity, HEAD_DIM, device="cuda", dtype=torch.float16)
         values = torch.randn_like(keys)
         query = torch.randn(1, HEADS * HEAD_DIM, device="cuda", dtype=torch.float16)
         valid = torch.ones(1, capacity, dtype=torch.uint8, device="cuda")
-        scratch = D.AttentionScratch(1, GROUPS, HEADS // GROUPS, HEAD_DIM, capacity, torch.device("cuda"))
         out = torch.empty_like(query)
         slot_t = torch.tensor([slot], device="cuda")
-        us = graph_us(lambda i: D.fused_attention(query, keys, values, valid, slot_t, scratch, out), 28)
-        results[f"attention capacity={capacity}"] = {"us": round(us, 2), "splits": scratch.splits}
-        print(json.dumps({f"attention capacity={capacity}": results[f"attention capacity={capacity}"]}), flush=True)
+        for blocks in block_sets:
+            D.ATTN_BLOCKS = tuple(blocks)
+            scratch = D.AttentionScratch(1, GROUPS, HEADS // GROUPS, HEAD_DIM, capacity, torch.device("cuda"))
+            us = graph_us(lambda i: D.fused_attention(query, keys, values, valid, slot_t, scratch, out), 28)
+            name = f"attention capacity={capacity}" + (f" blocks={blocks}" if len(block_sets) > 1 else "")
+            results[name] = {"us": round(us, 2), "splits": scratch.splits, "keys_per_split": scratch.chunk,
+                             "block": scratch.block}
+            print(json.dumps({name: results[name]}), flush=True)
+    D.ATTN_BLOCKS = defaults
 
 
 def whole_step(results, profile, variants):
@@ -210,6 +217,7 @@ def whole_step(results, profile, variants):
 
     config = ChatGLMConfig.from_pretrained(str(REPO / "variants" / "chatglm3-6b"))
     D.FUSED_BITS = (16, 8, 4)
+    defaults = (D.PDL_MODE, D.ATTN_BLOCKS)
     by_bits = {}
     for variant in variants:
         by_bits.setdefault(int(variant.split(",")[0]), []).append(variant)
@@ -223,8 +231,10 @@ def whole_step(results, profile, variants):
             fields = variant.split(",")
             fused = fields[1] != "unfused"
             os.environ["CHATGLM_FUSED_DECODE"] = "1" if fused else "0"
-            if fused:
+            if fused:  # "bits,pdl[,attention inner blocks]", e.g. 16,2,64 or 16,2,32x64x128
                 D.PDL_MODE = int(fields[1])
+                if len(fields) > 2:
+                    D.ATTN_BLOCKS = tuple(map(int, fields[2].split("x")))
             decoder = CompiledDecoder(model, 1, 1280, compile=True)
             ids = torch.randint(0, 60000, (1, 1024), device="cuda")
             with torch.no_grad():
@@ -250,6 +260,7 @@ def whole_step(results, profile, variants):
             results[name] = {"ms": round(ms, 4), "tok_s": round(1000 / ms, 1)}
             print(json.dumps({name: results[name]}), flush=True)
             del decoder
+            D.PDL_MODE, D.ATTN_BLOCKS = defaults
         del model
         torch.cuda.empty_cache()
     os.environ.pop("CHATGLM_FUSED_DECODE", None)
@@ -266,7 +277,9 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[16, 8, 4], help="weight kinds to sweep")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="GEMV shapes to sweep")
     parser.add_argument("--steps", nargs="+", default=["16,2", "16,unfused", "8,2", "4,2", "4,unfused"],
-                        help='whole-step variants: "bits,pdl" (fused) or "bits,unfused"')
+                        help='whole-step variants: "bits,pdl[,attention inner blocks]" (fused) or "bits,unfused"')
+    parser.add_argument("--attention", nargs="+", default=["x".join(map(str, D.ATTN_BLOCKS))],
+                        help="decode attention inner block sizes to try, e.g. 32x64x128 (the default) or 64")
     parser.add_argument("--configs-in", default=None, help="launch table (JSON) to load before anything else")
     args = parser.parse_args()
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -277,7 +290,7 @@ def main() -> None:
         report["correct"] = check_correctness(report.setdefault("errors", {}))
     if args.sweep:
         report["sweep"] = sweep(args.configs_out, args.bits, args.shapes)
-    attention_time(report.setdefault("attention", {}))
+    attention_time(report.setdefault("attention", {}), [tuple(map(int, a.split("x"))) for a in args.attention])
     if not args.skip_steps:
         whole_step(report.setdefault("steps", {}), args.profile, args.steps)
     if args.out:
