@@ -580,6 +580,11 @@ for bits in (4, 8):
 print("WORST", worst)
 '''
     out = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, timeout=600)
+    if out.returncode and "only 0-dimensional arrays can be converted to Python scalars" in out.stderr:
+        import numpy
+        import triton
+        pytest.skip(f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} (it needs "
+                    "numpy < 2.3, as .ci/run installs)")
     assert out.returncode == 0, out.stderr[-2000:]
     worst = float(out.stdout.split("WORST")[-1])
     assert worst < 2e-3
