@@ -186,10 +186,16 @@ def sweep(configs_out, bits_list, names):
     return rows
 
 
-def attention_time(results, block_sets=((32, 64, 128),)):
+def attention_blocks(text: str) -> tuple:
+    """"32x64x128" → (32, 64, 128): a choice of the decode attention's inner block sizes (D.ATTN_BLOCKS)."""
+    return tuple(int(b) for b in text.split("x"))
+
+
+def attention_time(results, block_sets=None):
     """The decode attention (both kernels) per cache capacity, for each set of inner block sizes (D.ATTN_BLOCKS)."""
     assert D._load_triton()
     defaults = D.ATTN_BLOCKS
+    block_sets = block_sets or [defaults]
     for capacity, slot in ((1280, 1100), (8192, 8000), (32768, 32000)):
         keys = torch.randn(1, GROUPS, capacity, HEAD_DIM, device="cuda", dtype=torch.float16)
         values = torch.randn_like(keys)
@@ -198,7 +204,7 @@ def attention_time(results, block_sets=((32, 64, 128),)):
         out = torch.empty_like(query)
         slot_t = torch.tensor([slot], device="cuda")
         for blocks in block_sets:
-            D.ATTN_BLOCKS = tuple(blocks)
+            D.ATTN_BLOCKS = blocks
             scratch = D.AttentionScratch(1, GROUPS, HEADS // GROUPS, HEAD_DIM, capacity, torch.device("cuda"))
             us = graph_us(lambda i: D.fused_attention(query, keys, values, valid, slot_t, scratch, out), 28)
             name = f"attention capacity={capacity}" + (f" blocks={blocks}" if len(block_sets) > 1 else "")
@@ -234,7 +240,7 @@ def whole_step(results, profile, variants):
             if fused:  # "bits,pdl[,attention inner blocks]", e.g. 16,2,64 or 16,2,32x64x128
                 D.PDL_MODE = int(fields[1])
                 if len(fields) > 2:
-                    D.ATTN_BLOCKS = tuple(map(int, fields[2].split("x")))
+                    D.ATTN_BLOCKS = attention_blocks(fields[2])
             decoder = CompiledDecoder(model, 1, 1280, compile=True)
             ids = torch.randint(0, 60000, (1, 1024), device="cuda")
             with torch.no_grad():
@@ -290,7 +296,7 @@ def main() -> None:
         report["correct"] = check_correctness(report.setdefault("errors", {}))
     if args.sweep:
         report["sweep"] = sweep(args.configs_out, args.bits, args.shapes)
-    attention_time(report.setdefault("attention", {}), [tuple(map(int, a.split("x"))) for a in args.attention])
+    attention_time(report.setdefault("attention", {}), [attention_blocks(a) for a in args.attention])
     if not args.skip_steps:
         whole_step(report.setdefault("steps", {}), args.profile, args.steps)
     if args.out:
