@@ -6,6 +6,8 @@
 The peer is transformers' GlmForCausalLM with our weights renamed (the same function, SPEC §2); ratios are ours
 over the peer's. Weights are random at the variant's real shape unless --tiny. Decode rate = batch · (new − 1) /
 (t(generate new) − t(generate 1)), so prefill is excluded; each system is warmed up first (compilation included).
+Long prefills (--long-prefill) also report the mean SM clock and board power while they ran (`gpu`): at 131072
+tokens an H200 runs at its power limit, so the clock, not the kernels' peak rate, sets the time.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 from full_shape_check import import_package  # noqa: E402
+from gpu_telemetry import GpuTelemetry  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -106,8 +109,10 @@ def measure_long_prefill(name: str, model, args, length: int, peer: bool) -> dic
             model(input_ids=ids, use_cache=True, **last)  # warm-up at full length: the first call compiles kernels
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-            seconds = timed(lambda: model(input_ids=ids, use_cache=True, **last), args.device)
-        result.update(seconds=round(seconds, 3), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+            with GpuTelemetry() as telemetry:
+                seconds = timed(lambda: model(input_ids=ids, use_cache=True, **last), args.device, args.repeat)
+        result.update(seconds=round(seconds, 3), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                      gpu=telemetry.summary())
     except Exception as error:
         result["error"] = f"{type(error).__name__}: {error}"[:300]
     torch.cuda.empty_cache()
@@ -147,6 +152,10 @@ def main() -> None:
             report["results"].append(measure_long_prefill("ours", model, args, length, peer=False))
             if peer is not None:
                 report["results"].append(measure_long_prefill("GlmForCausalLM", peer, args, length, peer=True))
+        seconds = {(r["system"], r["prefill_tokens"]): r.get("seconds") for r in report["results"]}
+        report["ratios"] = {f"peer/ours prefill {n}": round(seconds[("GlmForCausalLM", n)] / seconds[("ours", n)], 2)
+                            for n in args.long_prefill if seconds.get(("ours", n)) and seconds.get(("GlmForCausalLM", n))}
+        print(json.dumps(report["ratios"]), flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=2))
         return
