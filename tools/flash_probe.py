@@ -33,6 +33,22 @@ CONFIGS = [(128, 64, 8, 2, 128), (128, 128, 8, 3, None), (64, 64, 4, 3, None)]
 
 
 @triton.jit
+def _attend_key_block(q, k_desc, v_desc, kv, start_n, rows, m_i, l_i, acc, qk_scale, BLOCK_N: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over keys [start_n, start_n + BLOCK_N); m_i is the base-2 scaled running max."""
+    k = k_desc.load([kv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+    s = tl.dot(q, k.T)
+    if MASKED:  # the diagonal block: keys after the query row (and past s, which TMA zero-fills) are dropped
+        s = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] <= rows[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])  # scale and subtract in one FMA
+    alpha = tl.math.exp2(m_i - m_new)
+    v = v_desc.load([kv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
 def _causal_attention_kernel(q_desc, k_desc, v_desc, o_desc, qk_scale, HEADS: tl.constexpr, GROUP: tl.constexpr,
                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Program (m block, b * HEADS + h), longest rows first; descriptors over [b·heads, s, d] / [b·kv_heads, s, d].
@@ -42,30 +58,15 @@ def _causal_attention_kernel(q_desc, k_desc, v_desc, o_desc, qk_scale, HEADS: tl
     start_m = pid_m * BLOCK_M
     q = q_desc.load([bh, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
     rows = start_m + tl.arange(0, BLOCK_M)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running max, base-2 scaled
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     for start_n in tl.range(0, start_m, BLOCK_N):  # wholly below the diagonal: no mask
-        k = k_desc.load([kv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        s = tl.dot(q, k.T)
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = v_desc.load([kv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
-    for start_n in tl.range(start_m, start_m + BLOCK_M, BLOCK_N):  # the diagonal block (TMA zero-fills past s)
-        k = k_desc.load([kv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        s = tl.dot(q, k.T) * qk_scale
-        s = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] <= rows[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = v_desc.load([kv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = _attend_key_block(q, k_desc, v_desc, kv, start_n, rows, m_i, l_i, acc, qk_scale, BLOCK_N,
+                                          HEAD_DIM, MASKED=False)
+    for start_n in tl.range(start_m, start_m + BLOCK_M, BLOCK_N):
+        m_i, l_i, acc = _attend_key_block(q, k_desc, v_desc, kv, start_n, rows, m_i, l_i, acc, qk_scale, BLOCK_N,
+                                          HEAD_DIM, MASKED=True)
     out = acc / l_i[:, None]
     o_desc.store([bh, start_m, 0], out.to(o_desc.dtype).reshape(1, BLOCK_M, HEAD_DIM))
 
