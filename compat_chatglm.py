@@ -1,11 +1,12 @@
 """Differences between the supported transformers (4.30.2 … 5.x) and torch versions, answered in one place.
 
 The rest of the package never looks at a version number: it asks this module which cache class to use, how to
-turn a legacy tuple cache into a cache object, whether SDPA can share key/value heads, and which gradient
-checkpointing hook the running transformers calls.
+turn a legacy tuple cache into a cache object, whether SDPA can share key/value heads, which gradient
+checkpointing hook the running transformers calls, and on which GPU a hand-written kernel must be launched.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, Optional, Sequence
 
@@ -159,6 +160,18 @@ def is_compiling() -> bool:
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return compiler.is_compiling()
     return False  # pragma: no cover - torch < 2.3
+
+
+def kernel_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The context to launch a Triton or CUDA kernel on `tensor` in: its GPU made the current one.
+
+    torch operations follow their tensors' device, but a Triton launch goes to the *current* device and its
+    stream, so for a model on cuda:1, or split over GPUs by a device map, it would run on cuda:0's stream with
+    cuda:1's pointers (a fault, or a race with the stream that wrote its inputs). Under torch.compile the
+    compiler places the launches itself."""
+    if not tensor.is_cuda or is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
 
 
 def _sdpa_has_enable_gqa() -> bool:

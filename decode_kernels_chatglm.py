@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .compat_chatglm import kernel_device
 from .int4_kernels_chatglm import GluonLaunch, gluon_launch, int4_gemv
 from .int4_kernels_chatglm import load_configs as load_gluon_configs
 
@@ -750,6 +751,11 @@ class FusedDecodeStep:
         [b, capacity] bool), write its keys/values into the cache, then advance position and slot by one.
         → logits [b, vocab] float32; with `greedy`, the argmax (first on ties; never an id in `banned`, a
         power-of-two count) is also written into `token`, which is returned."""
+        with kernel_device(self.hidden):
+            return self._step(token, position, slot, key_valid, greedy, banned)
+
+    def _step(self, token: torch.Tensor, position: torch.Tensor, slot: torch.Tensor, key_valid: torch.Tensor,
+              greedy: bool, banned: Optional[torch.Tensor]) -> torch.Tensor:
         batch, hidden = self.hidden.shape
         valid = key_valid.view(torch.uint8)
         _KERNELS["start"][(batch,)](token, self.embedding, self.hidden, self.ssq, valid, slot, hidden,

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from .compat_chatglm import kernel_device
 from .decode_kernels_chatglm import FusedDecodeStep
 
 # generate() arguments the fast path understands; anything else goes to transformers' generate().
@@ -26,7 +27,8 @@ MAX_BANNED = 8  # end-of-sequence ids a greedy step can exclude inside its graph
 
 
 class StaticKVCache:
-    """Keys/values preallocated to `capacity` positions: per layer [batch, kv_heads, capacity, head_dim].
+    """Keys/values preallocated to `capacity` positions: per layer [batch, kv_heads, capacity, head_dim], on the
+    layer's device (one device, or one per layer for a model split over GPUs).
 
     `update` writes at `cache_position` (positions [s] of the new tokens; default: right after the content) and
     returns the whole buffers, so shapes never change and a compiled step can be captured once.
@@ -35,10 +37,11 @@ class StaticKVCache:
     is_compileable = True
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: Union[str, torch.device]):
+                 dtype: torch.dtype, device: Union[str, torch.device, Sequence[torch.device]]):
         shape = (batch, kv_heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        devices = list(device) if isinstance(device, (list, tuple)) else [device] * num_layers
+        self.keys = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
+        self.values = [torch.zeros(shape, dtype=dtype, device=d) for d in devices]
         self.capacity = capacity
         self.length = 0  # filled positions, tracked on the host by the eager callers (prefill, advance)
         mark_static = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
@@ -51,6 +54,7 @@ class StaticKVCache:
         position = (cache_kwargs or {}).get("cache_position")
         if position is None:
             position = torch.arange(self.length, self.length + key.shape[-2], device=key.device)
+        position = position.to(key.device)  # (a no-op but where a device map put this layer on another GPU)
         self.keys[layer_idx].index_copy_(2, position, key)
         self.values[layer_idx].index_copy_(2, position, value)
         return self.keys[layer_idx], self.values[layer_idx]
@@ -106,8 +110,12 @@ class CompiledDecoder:
         device = param.device
         self.model = model
         self.batch, self.capacity, self.compiled = batch, capacity, compile
+        layer_devices = model.transformer.layer_devices()
         self.cache = StaticKVCache(config.num_layers, batch, config.num_key_value_heads, config.kv_channels,
-                                   capacity, param.dtype, device)
+                                   capacity, param.dtype, layer_devices)
+        # A model split over devices (accelerate device map) steps eagerly: one CUDA graph cannot hold the
+        # work of several GPUs here, and the compiled step would trace accelerate's hooks.
+        compile = compile and len({p.device for p in model.parameters()} | set(layer_devices)) == 1
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -170,10 +178,11 @@ class CompiledDecoder:
         used."""
         if not self.use_graphs:
             return self.steps[kind]()
-        if kind not in self.graphs:
-            self.graphs[kind] = self._capture(self.steps[kind])
-        graph, output = self.graphs[kind]
-        graph.replay()
+        with kernel_device(self.token):  # the model's GPU, which need not be the current one
+            if kind not in self.graphs:
+                self.graphs[kind] = self._capture(self.steps[kind])
+            graph, output = self.graphs[kind]
+            graph.replay()
         return output
 
     def _capture(self, step: Callable[[], torch.Tensor]) -> tuple[Any, torch.Tensor]:
@@ -193,7 +202,9 @@ class CompiledDecoder:
                 restore()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # on `side`, a stream of the model's GPU: torch.cuda.graph's default capture stream belongs to whichever
+        # GPU was current when the process first captured
+        with torch.cuda.graph(graph, stream=side):
             output = step()
         restore()
         return graph, output

@@ -393,8 +393,9 @@ def _add_linear_(residual: torch.Tensor, linear: nn.Module, x: torch.Tensor) -> 
 
 def _norm(norm: RMSNorm, hidden_states: torch.Tensor, fused: bool, out: Optional[torch.Tensor] = None
           ) -> torch.Tensor:
-    """`norm(hidden_states)`, in one Triton pass when `fused` (written into `out` if given)."""
-    if fused:
+    """`norm(hidden_states)`, in one Triton pass when `fused` (written into `out` if given). A norm whose weight
+    is elsewhere (the final norm on another GPU of a device map) runs as the module: its hook moves the input."""
+    if fused and norm.weight.device == hidden_states.device:
         return rms_norm(hidden_states, norm.weight, norm.eps, out)
     if out is None:
         return norm(hidden_states)
@@ -471,6 +472,9 @@ class GLMTransformer(nn.Module):
         s = hidden_states.shape[1]
         if s <= PREFILL_CHUNK or torch.is_grad_enabled():
             return self.final_layernorm(hidden_states)
+        device = self.final_layernorm.weight.device
+        if device != hidden_states.device and device.type != "meta":  # a device map put the norm on another GPU
+            hidden_states, inplace = hidden_states.to(device), True
         out = hidden_states if inplace else torch.empty_like(hidden_states)
         fused = fused_prefill_enabled(hidden_states)
         for part in prefill_chunks(s):
@@ -599,6 +603,17 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         past = past.view(batch_size, self.pre_seq_len, self.num_layers * 2, self.kv_heads, self.kv_channels)
         return self.dropout(past).permute(2, 0, 3, 1, 4)
 
+    def layer_devices(self) -> list[torch.device]:
+        """The device each encoder layer computes on: its accelerate hook's execution device where a device map
+        placed it (offloaded weights sit on "meta" until the hook brings them), else the device of its weights."""
+        devices = []
+        for layer in self.encoder.layers:
+            device = getattr(getattr(layer, "_hf_hook", None), "execution_device", None)
+            if device is None:
+                device = next(layer.parameters()).device
+            devices.append(torch.device("cuda", device) if isinstance(device, int) else torch.device(device))
+        return devices
+
     def _check_legacy_cache(self, past_key_values: Any, batch_size: int) -> None:
         """Tuples must be batch-first [batch, kv_heads, seq, head_dim] per layer; the official code's
         sequence-first [seq, batch, kv_heads, head_dim] would otherwise be misread silently."""
@@ -665,8 +680,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         prefix_len = self.pre_seq_len or 0
         if prefix_len and cache_length(cache) == 0:
             prompt = self.get_prompt(batch_size, inputs_embeds.device, inputs_embeds.dtype)
-            for layer_idx in range(self.num_layers):
-                cache.update(prompt[2 * layer_idx], prompt[2 * layer_idx + 1], layer_idx)
+            for layer_idx, device in enumerate(self.layer_devices()):  # each layer appends to its prefix there
+                cache.update(prompt[2 * layer_idx].to(device), prompt[2 * layer_idx + 1].to(device), layer_idx)
         past_len = None if compiling else cache_length(cache)
 
         if past_len is not None:

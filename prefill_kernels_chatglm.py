@@ -22,6 +22,8 @@ from typing import Any, Callable, Dict, Optional
 
 import torch
 
+from .compat_chatglm import kernel_device
+
 logger = logging.getLogger(__name__)
 
 FUSED_PREFILL_ENV = "CHATGLM_FUSED_PREFILL"
@@ -167,9 +169,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: Optional[to
     """RMSNorm of x [b, s, hidden] → [b, s, hidden] in x's dtype (into `out` if given)."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
     hidden = x.shape[-1]
-    for b in range(x.shape[0]):  # rows of one sequence are equally spaced; batches need not be
-        _kernel("rms_norm")[(x.shape[1],)](x[b], weight, out[b], hidden, x.stride(1), out.stride(1), eps,
-                                            BLOCK=triton.next_power_of_2(hidden), num_warps=8)
+    with kernel_device(x):
+        for b in range(x.shape[0]):  # rows of one sequence are equally spaced; batches need not be
+            _kernel("rms_norm")[(x.shape[1],)](x[b], weight, out[b], hidden, x.stride(1), out.stride(1), eps,
+                                                BLOCK=triton.next_power_of_2(hidden), num_warps=8)
     return out
 
 
@@ -178,9 +181,10 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     ffn = h.shape[-1] // 2
     out = h.new_empty(*h.shape[:-1], ffn)
     block = 1024
-    for b in range(h.shape[0]):
-        _kernel("swiglu")[(h.shape[1], triton.cdiv(ffn, block))](h[b], out[b], ffn, h.stride(1), out.stride(1),
-                                                                 BLOCK=block, num_warps=4)
+    with kernel_device(h):
+        for b in range(h.shape[0]):
+            _kernel("swiglu")[(h.shape[1], triton.cdiv(ffn, block))](h[b], out[b], ffn, h.stride(1), out.stride(1),
+                                                                     BLOCK=block, num_warps=4)
     return out
 
 
@@ -192,14 +196,15 @@ def rotary_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query:
     head_dim = query.shape[-1]
     cos_b = 0 if cos.shape[0] == 1 else cos.stride(0)
     rows = 32
-    offset = 0
-    for dst, rotate in ((query, True), (key, True), (value, False)):
-        n_rows = b * s * dst.shape[1]
-        _kernel("rotary_split")[(triton.cdiv(n_rows, rows),)](
-            qkv[..., offset:], cos, sin, dst, n_rows, s, dst.shape[1], qkv.stride(0), qkv.stride(1), cos_b,
-            cos.stride(2), dst.stride(0), dst.stride(1), dst.stride(2), HEAD_DIM=head_dim, ROT_PAIRS=cos.shape[-1],
-            ROTATE=rotate, ROWS=rows, num_warps=4, enable_fp_fusion=False)  # no fma: torch rounds each product
-        offset += dst.shape[1] * head_dim
+    offsets = (0, query.shape[1] * head_dim, (query.shape[1] + key.shape[1]) * head_dim)
+    with kernel_device(qkv):
+        for dst, rotate, offset in zip((query, key, value), (True, True, False), offsets):
+            n_rows = b * s * dst.shape[1]
+            _kernel("rotary_split")[(triton.cdiv(n_rows, rows),)](
+                qkv[..., offset:], cos, sin, dst, n_rows, s, dst.shape[1], qkv.stride(0), qkv.stride(1), cos_b,
+                cos.stride(2), dst.stride(0), dst.stride(1), dst.stride(2), HEAD_DIM=head_dim,
+                ROT_PAIRS=cos.shape[-1], ROTATE=rotate, ROWS=rows, num_warps=4,
+                enable_fp_fusion=False)  # no fma: torch rounds each product
 
 
 def _attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool
@@ -222,10 +227,11 @@ def _merge(parts: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tenso
         table = table.pin_memory().to(out.device, non_blocking=True)
     addresses, lse_addresses = table[:len(parts)], table[len(parts):]
     block_t = 64
-    _kernel("lse_merge")[(triton.cdiv(t, block_t), b * h)](
-        addresses, lse_addresses, out, len(parts), t, h, parts[0].stride(0), parts[0].stride(1), parts[0].stride(2),
-        lses[0].stride(0), lses[0].stride(1), lses[0].stride(2), out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=d, BLOCK_T=block_t, num_warps=4)
+    with kernel_device(out):
+        _kernel("lse_merge")[(triton.cdiv(t, block_t), b * h)](
+            addresses, lse_addresses, out, len(parts), t, h, parts[0].stride(0), parts[0].stride(1),
+            parts[0].stride(2), lses[0].stride(0), lses[0].stride(1), lses[0].stride(2), out.stride(0),
+            out.stride(1), out.stride(2), HEAD_DIM=d, BLOCK_T=block_t, num_warps=4)
 
 
 def blocked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block: int,

@@ -28,6 +28,7 @@ next backend -- never a crash.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import logging
@@ -847,7 +848,10 @@ class QuantizedLinear(nn.Module):
         if backend.name != "torch":
             x2 = x2.contiguous()
             try:
-                y = backend.linear(x2, self.weight, self.weight_scale, self.bias, self.bits)
+                # Triton launches on the current GPU, not x's (compat_chatglm.kernel_device; this module stays
+                # importable on its own). CPU tensors: Triton's interpreter
+                with torch.cuda.device(x2.device) if x2.is_cuda else contextlib.nullcontext():
+                    y = backend.linear(x2, self.weight, self.weight_scale, self.bias, self.bits)
             except Exception as exc:  # a kernel that fails at its first launch: log once, fall back for good
                 backend.disable(exc)
                 y = _BACKENDS["torch"].linear(x2, self.weight, self.weight_scale, self.bias, self.bits)

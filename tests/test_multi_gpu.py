@@ -1,0 +1,194 @@
+"""A model on a GPU other than the current one, and a model split over two GPUs by a device map.
+
+The official code fails with device mismatches in the cache when a 32K/128K model is split over GPUs (SPEC §7).
+Here every path must give what the same model gives on one GPU: the forward pass, generate() with the dynamic
+cache and with the static fast path, P-tuning prefixes, the fused long-prefill kernels, and quantized linears.
+Triton launches on the *current* device, so a kernel of a layer on cuda:1 is only right if it is launched there.
+
+These tests need two CUDA devices and skip elsewhere.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from test_modeling import left_pad, random_prompts
+
+pytestmark = pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason="needs two CUDA devices (the model is put on cuda:1, or split over cuda:0 and cuda:1)")
+
+LAYERS = 4
+NEW = 8
+
+
+def batch(device) -> dict:
+    """Two left-padded prompts of different lengths."""
+    ids, mask = left_pad(random_prompts(seed=2, lengths=(9, 5)))
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def long_ids(device, length: int = 37) -> torch.Tensor:
+    return torch.randint(10, 500, (1, length), generator=torch.Generator().manual_seed(3)).to(device)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """The long-prefill path (chunks, fused kernels, blocked cuDNN attention) at a length of a few dozen tokens;
+    returns the list the merge kernel appends to when it runs."""
+    import chatglm.modeling_chatglm as modeling
+    from chatglm import prefill_kernels_chatglm as kernels
+
+    monkeypatch.delenv("CHATGLM_FUSED_PREFILL", raising=False)
+    monkeypatch.setattr(modeling, "PREFILL_CHUNK", 4)
+    monkeypatch.setattr(kernels, "ATTENTION_BLOCK", 8)
+    monkeypatch.setattr(kernels, "MIN_BLOCKED_LENGTH", 16)
+    merges = []
+    monkeypatch.setattr(kernels, "_merge", lambda parts, lses, out, f=kernels._merge: merges.append(out.device)
+                        or f(parts, lses, out))
+    return merges
+
+
+def split(model, tail: int) -> torch.nn.Module:
+    """`model` dispatched by accelerate: embedding and the first half of the layers on cuda:0, the rest on cuda:1,
+    the final norm and output layer on cuda:`tail` (0 as the official `auto_configure_device_map` places them,
+    1 as accelerate's "auto" does)."""
+    from accelerate import dispatch_model
+
+    half = model.config.num_layers // 2
+    device_map = {"transformer.embedding": 0, "transformer.rotary_pos_emb": 0,
+                  "transformer.encoder.final_layernorm": tail, "transformer.output_layer": tail}
+    device_map.update({f"transformer.encoder.layers.{i}": int(i >= half) for i in range(model.config.num_layers)})
+    if getattr(model.transformer, "prefix_encoder", None) is not None:
+        device_map["transformer.prefix_encoder"] = 0
+    return dispatch_model(model, device_map=device_map)
+
+
+def outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Logits and every layer's cached keys and values, on the CPU."""
+    from chatglm.compat_chatglm import cache_layer
+
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    return [t.float().cpu() for t in [out.logits] + [t for layer in range(model.config.num_layers)
+                                                     for t in cache_layer(out.past_key_values, layer)]]
+
+
+def greedy(model, inputs: dict, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, **kwargs).cpu()
+
+
+def assert_same(got: list[torch.Tensor], want: list[torch.Tensor], **tolerance) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tolerance)
+
+
+# ------------------------------------------------------------------------------------------ one GPU, not cuda:0
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_model_on_second_gpu_matches_first(dtype, small_blocks):
+    """On cuda:1 (cuda:0 current): forward, the fused long prefill, and the static fast path (fused Triton step
+    in a CUDA graph) give exactly what the model gives on cuda:0."""
+    first = tiny_model(seed=4, num_layers=LAYERS).to("cuda:0", dtype)
+    second = copy.deepcopy(first).to("cuda:1")
+    assert torch.cuda.current_device() == 0
+    with torch.no_grad():
+        torch.testing.assert_close(second(**batch("cuda:1")).logits.cpu(), first(**batch("cuda:0")).logits.cpu(),
+                                   rtol=0, atol=0)
+    assert_same(outputs(second, long_ids("cuda:1")), outputs(first, long_ids("cuda:0")), rtol=0, atol=0)
+    assert torch.device("cuda:1") in small_blocks, "the blocked attention should have run on cuda:1"
+    want = greedy(first, batch("cuda:0"), cache_implementation="static")
+    got = greedy(second, batch("cuda:1"), cache_implementation="static")
+    assert second._chatglm_decoder.fused is not None and second._chatglm_decoder.use_graphs
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(greedy(second, batch("cuda:1")), greedy(first, batch("cuda:0")), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_model_on_second_gpu_matches_first(bits):
+    """Quantized linears (Triton kernels) on cuda:1: the same logits and fast-path tokens as on cuda:0."""
+    first = tiny_model(seed=4, num_layers=LAYERS).half().to("cuda:0").quantize(bits)
+    second = copy.deepcopy(first).to("cuda:1")
+    with torch.no_grad():
+        torch.testing.assert_close(second(**batch("cuda:1")).logits.cpu(), first(**batch("cuda:0")).logits.cpu(),
+                                   rtol=0, atol=0)
+    torch.testing.assert_close(greedy(second, batch("cuda:1"), cache_implementation="static"),
+                               greedy(first, batch("cuda:0"), cache_implementation="static"), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ split over two GPUs
+@pytest.mark.parametrize("tail", [0, 1], ids=["norm_on_cuda0", "norm_on_cuda1"])
+def test_split_model_matches_one_gpu(tail):
+    """float32 model over cuda:0 + cuda:1: logits, and generate() with the dynamic cache, with
+    cache_implementation="static" (the fast path, stepping eagerly) and through fast_generate, as on one GPU."""
+    single = tiny_model(seed=4, num_layers=LAYERS).to("cuda:0")
+    model = split(copy.deepcopy(single).cpu(), tail)
+    assert {p.device.index for p in model.parameters()} == {0, 1}
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch("cuda:0")).logits.cpu(), single(**batch("cuda:0")).logits.cpu(),
+                                   rtol=1e-5, atol=1e-5)
+    want = greedy(single, batch("cuda:0"))
+    torch.testing.assert_close(greedy(model, batch("cuda:0")), want, rtol=0, atol=0)
+    torch.testing.assert_close(greedy(model, batch("cuda:0"), cache_implementation="static"), want, rtol=0, atol=0)
+    decoder = model._chatglm_decoder
+    assert [k.device.index for k in decoder.cache.keys] == [0] * (LAYERS // 2) + [1] * (LAYERS // 2)
+    assert not decoder.use_graphs
+    with torch.no_grad():
+        fast = model.fast_generate(**batch("cuda:0"), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+    torch.testing.assert_close(fast.cpu(), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tail", [0, 1], ids=["norm_on_cuda0", "norm_on_cuda1"])
+def test_split_model_long_prefill_matches_one_gpu(tail, small_blocks):
+    """fp16 over two GPUs, long input: the chunked prefill with the fused kernels and the blocked attention runs
+    on each layer's GPU and gives exactly the single-GPU logits and cache."""
+    single = tiny_model(seed=4, num_layers=LAYERS).to("cuda:0", torch.float16)
+    model = split(copy.deepcopy(single).cpu(), tail)
+    want = outputs(single, long_ids("cuda:0"))
+    small_blocks.clear()
+    assert_same(outputs(model, long_ids("cuda:0")), want, rtol=0, atol=0)
+    assert set(small_blocks) == {torch.device("cuda:0"), torch.device("cuda:1")}, small_blocks
+
+
+def test_split_p_tuning_model_matches_one_gpu():
+    """A P-tuning v2 model (prefix keys/values for every layer) split over two GPUs: each layer gets its prefix
+    on its own device; logits and generated tokens as on one GPU."""
+    single = tiny_model(seed=4, num_layers=LAYERS, pre_seq_len=3).to("cuda:0")
+    model = split(copy.deepcopy(single).cpu(), 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch("cuda:0")).logits.cpu(), single(**batch("cuda:0")).logits.cpu(),
+                                   rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(greedy(model, batch("cuda:0")), greedy(single, batch("cuda:0")), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_split_quantized_model_matches_one_gpu(bits):
+    """int4/int8 (official format) over two GPUs: the quantized kernels run on each layer's GPU."""
+    single = tiny_model(seed=4, num_layers=LAYERS).half().to("cuda:0").quantize(bits)
+    model = split(copy.deepcopy(single).cpu(), 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch("cuda:0")).logits.cpu(), single(**batch("cuda:0")).logits.cpu(),
+                                   rtol=0, atol=0)
+    torch.testing.assert_close(greedy(model, batch("cuda:0")), greedy(single, batch("cuda:0")), rtol=0, atol=0)
+
+
+def test_from_pretrained_with_a_two_gpu_device_map(tmp_path):
+    """`AutoModel.from_pretrained(dir, trust_remote_code=True, device_map={...: 0 / 1})`, as the ChatGLM demos'
+    multi-GPU loader does: the layers land on both GPUs and generate() gives the single-GPU tokens."""
+    from compat_util import build, official_device_map
+    from transformers import AutoModel
+
+    folder = build(tmp_path, "two_gpus")
+    single = AutoModel.from_pretrained(str(folder), trust_remote_code=True).to("cuda:0").eval()
+    layers = single.config.num_layers
+    device_map = {name: 0 for name in official_device_map(layers) if name != "lm_head"}
+    device_map.update({f"transformer.encoder.layers.{i}": int(i >= layers // 2) for i in range(layers)})
+    model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, device_map=device_map).eval()
+    assert {p.device.index for p in model.parameters()} == {0, 1}
+    torch.testing.assert_close(greedy(model, batch("cuda:0")), greedy(single, batch("cuda:0")), rtol=0, atol=0)
+    torch.testing.assert_close(greedy(model, batch("cuda:0"), cache_implementation="static"),
+                               greedy(single, batch("cuda:0")), rtol=0, atol=0)
