@@ -394,7 +394,7 @@ def _add_linear_(residual: torch.Tensor, linear: nn.Module, x: torch.Tensor) -> 
 def _norm(norm: RMSNorm, hidden_states: torch.Tensor, fused: bool, out: Optional[torch.Tensor] = None
           ) -> torch.Tensor:
     """`norm(hidden_states)`, in one Triton pass when `fused` (written into `out` if given). A norm whose weight
-    is elsewhere (the final norm on another GPU of a device map) runs as the module: its hook moves the input."""
+    is not beside the input (offloaded by accelerate to "meta" until its hook runs) runs as the module."""
     if fused and norm.weight.device == hidden_states.device:
         return rms_norm(hidden_states, norm.weight, norm.eps, out)
     if out is None:
