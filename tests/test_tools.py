@@ -14,7 +14,10 @@ def test_gpu_telemetry_summarizes_nvidia_smi_samples():
                        "samples": 3}
 
 
-def test_gpu_telemetry_without_samples_is_empty():
+def test_gpu_telemetry_without_samples_is_empty(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
     with GpuTelemetry(device=None) as telemetry:  # no device: starts nothing
         pass
     assert telemetry.process is None
