@@ -8,6 +8,7 @@ request needs nothing it lacks (see `fast_path_supports`), and a documented call
 """
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -110,6 +111,7 @@ class CompiledDecoder:
         device = param.device
         self.model = model
         self.batch, self.capacity, self.compiled = batch, capacity, compile
+        self.weights = weights_fingerprint(model)
         layer_devices = model.transformer.layer_devices()
         self.cache = StaticKVCache(config.num_layers, batch, config.num_key_value_heads, config.kv_channels,
                                    capacity, param.dtype, layer_devices)
@@ -307,10 +309,22 @@ def _bucket(capacity: int) -> int:
     return -(-capacity // 256) * 256
 
 
+def weights_fingerprint(model: torch.nn.Module) -> tuple:
+    """Where every parameter's storage is, in which dtype: a decoder captured its cache and its graphs (and the
+    fused step its weight tensors) for one placement, and `.to()`, `.half()`, `quantize()` or a device map after
+    a first generate() make new tensors that it would not see (in-place updates keep the fingerprint and are
+    seen)."""
+    return tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
+
+
 def _decoder_for(model: torch.nn.Module, batch: int, capacity: int, compile: bool) -> CompiledDecoder:
     decoder = getattr(model, "_chatglm_decoder", None)
     if decoder is None or decoder.batch != batch or decoder.capacity < capacity or \
-            decoder.compiled != compile:
+            decoder.compiled != compile or decoder.weights != weights_fingerprint(model):
+        if decoder is not None:  # free the old cache and graphs before allocating (its step closures form a cycle)
+            decoder = None
+            object.__setattr__(model, "_chatglm_decoder", None)
+            gc.collect()
         decoder = CompiledDecoder(model, batch, capacity, compile)
         # a plain attribute, not a submodule: keeps the cache out of state_dict and .to()
         object.__setattr__(model, "_chatglm_decoder", decoder)

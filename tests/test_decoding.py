@@ -80,3 +80,21 @@ def test_static_kv_cache_in_a_plain_forward(model64):
         cache.length = i + 1
     full = model64(input_ids=ids).logits
     torch.testing.assert_close(torch.cat([out.logits] + steps, dim=1), full)
+
+
+@torch.no_grad()
+def test_fast_generate_follows_the_model_after_dtype_change_and_quantize():
+    """A decoder is built for one placement of the weights: after `.to(dtype)` or `quantize()` (new parameter
+    tensors) the next call builds a new one, whose tokens are those of the changed model's own generate()."""
+    model = tiny_model(seed=35)
+    ids, mask = left_pad(random_prompts(seed=36, lengths=(7, 4)))
+    request = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    model.fast_generate(ids, compile=False, **request)
+    first = model._chatglm_decoder
+    model.double()
+    torch.testing.assert_close(model.fast_generate(ids, compile=False, **request), model.generate(ids, **request))
+    assert model._chatglm_decoder is not first and model._chatglm_decoder.cache.keys[0].dtype == torch.float64
+    second = model._chatglm_decoder
+    model.quantize(8)
+    torch.testing.assert_close(model.fast_generate(ids, compile=False, **request), model.generate(ids, **request))
+    assert model._chatglm_decoder is not second

@@ -53,15 +53,11 @@ def small_blocks(monkeypatch):
 
 
 def split(model, tail: int) -> torch.nn.Module:
-    """`model` dispatched by accelerate: embedding and the first half of the layers on cuda:0, the rest on cuda:1,
-    the final norm and output layer on cuda:`tail` (0 as the official `auto_configure_device_map` places them,
-    1 as accelerate's "auto" does)."""
+    """`model` dispatched by accelerate over cuda:0 and cuda:1 (`two_gpu_device_map`)."""
     from accelerate import dispatch_model
+    from multi_gpu_check import two_gpu_device_map  # tools/
 
-    half = model.config.num_layers // 2
-    device_map = {"transformer.embedding": 0, "transformer.rotary_pos_emb": 0,
-                  "transformer.encoder.final_layernorm": tail, "transformer.output_layer": tail}
-    device_map.update({f"transformer.encoder.layers.{i}": int(i >= half) for i in range(model.config.num_layers)})
+    device_map = two_gpu_device_map(model.config.num_layers, tail)
     if getattr(model.transformer, "prefix_encoder", None) is not None:
         device_map["transformer.prefix_encoder"] = 0
     return dispatch_model(model, device_map=device_map)
@@ -142,6 +138,20 @@ def test_split_model_matches_one_gpu(tail):
     torch.testing.assert_close(fast.cpu(), want, rtol=0, atol=0)
 
 
+def test_model_moved_or_split_after_a_first_generate():
+    """The static fast path of a model that was used on cuda:0, then moved to cuda:1, then split over both, follows
+    the model (a new cache and step for each placement) and gives the same tokens each time."""
+    model = tiny_model(seed=4, num_layers=LAYERS).to("cuda:0")
+    want = greedy(model, batch("cuda:0"))
+    torch.testing.assert_close(greedy(model, batch("cuda:0"), cache_implementation="static"), want, rtol=0, atol=0)
+    model.to("cuda:1")
+    torch.testing.assert_close(greedy(model, batch("cuda:1"), cache_implementation="static"), want, rtol=0, atol=0)
+    assert {k.device.index for k in model._chatglm_decoder.cache.keys} == {1}
+    model = split(model.cpu(), 1)
+    torch.testing.assert_close(greedy(model, batch("cuda:0"), cache_implementation="static"), want, rtol=0, atol=0)
+    assert [k.device.index for k in model._chatglm_decoder.cache.keys] == [0] * (LAYERS // 2) + [1] * (LAYERS // 2)
+
+
 @pytest.mark.parametrize("tail", [0, 1], ids=["norm_on_cuda0", "norm_on_cuda1"])
 def test_split_model_long_prefill_matches_one_gpu(tail, small_blocks):
     """fp16 over two GPUs, long input: the chunked prefill with the fused kernels and the blocked attention runs
@@ -179,14 +189,13 @@ def test_split_quantized_model_matches_one_gpu(bits):
 def test_from_pretrained_with_a_two_gpu_device_map(tmp_path):
     """`AutoModel.from_pretrained(dir, trust_remote_code=True, device_map={...: 0 / 1})`, as the ChatGLM demos'
     multi-GPU loader does: the layers land on both GPUs and generate() gives the single-GPU tokens."""
-    from compat_util import build, official_device_map
+    from compat_util import build
+    from multi_gpu_check import two_gpu_device_map  # tools/
     from transformers import AutoModel
 
     folder = build(tmp_path, "two_gpus")
     single = AutoModel.from_pretrained(str(folder), trust_remote_code=True).to("cuda:0").eval()
-    layers = single.config.num_layers
-    device_map = {name: 0 for name in official_device_map(layers) if name != "lm_head"}
-    device_map.update({f"transformer.encoder.layers.{i}": int(i >= layers // 2) for i in range(layers)})
+    device_map = two_gpu_device_map(single.config.num_layers, tail=0)  # the official layout
     model = AutoModel.from_pretrained(str(folder), trust_remote_code=True, device_map=device_map).eval()
     assert {p.device.index for p in model.parameters()} == {0, 1}
     torch.testing.assert_close(greedy(model, batch("cuda:0")), greedy(single, batch("cuda:0")), rtol=0, atol=0)
