@@ -117,7 +117,7 @@ class CompiledDecoder:
                                    capacity, param.dtype, layer_devices)
         # A model split over devices (accelerate device map) steps eagerly: one CUDA graph cannot hold the
         # work of several GPUs here, and the compiled step would trace accelerate's hooks.
-        compile = compile and len({p.device for p in model.parameters()} | set(layer_devices)) == 1
+        compile = compile and len({place for _, _, place in self.weights} | set(layer_devices)) == 1
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
