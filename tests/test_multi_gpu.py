@@ -201,3 +201,28 @@ def test_from_pretrained_with_a_two_gpu_device_map(tmp_path):
     torch.testing.assert_close(greedy(model, batch("cuda:0")), greedy(single, batch("cuda:0")), rtol=0, atol=0)
     torch.testing.assert_close(greedy(model, batch("cuda:0"), cache_implementation="static"),
                                greedy(single, batch("cuda:0")), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pre_seq_len", [None, 3], ids=["full", "p_tuning"])
+def test_split_model_trains_like_one_gpu(pre_seq_len):
+    """Fine-tuning a model split over two GPUs, with gradient checkpointing (and a P-tuning prefix): the loss and
+    every gradient equal the single-GPU ones."""
+    single = tiny_model(seed=4, num_layers=LAYERS, pre_seq_len=pre_seq_len).to("cuda:0")
+    model = split(copy.deepcopy(single).cpu(), 1)
+    inputs = batch("cuda:0")
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    losses = []
+    for m in (single, model):
+        m.train()
+        if pre_seq_len:
+            m.transformer.dropout.p = 0.0  # the prefix dropout would draw different masks on the two models
+        m.gradient_checkpointing_enable()
+        loss = m(**inputs, labels=labels).loss
+        loss.backward()
+        losses.append(loss.detach().cpu())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    grads = [(name, p.grad) for name, p in single.named_parameters() if p.grad is not None]
+    assert grads, "nothing was trained"
+    split_grads = dict(model.named_parameters())
+    for name, grad in grads:
+        torch.testing.assert_close(split_grads[name].grad.cpu(), grad.cpu(), rtol=1e-4, atol=1e-6, msg=name)
