@@ -115,9 +115,11 @@ class AttentionMask:
     """What each query may attend to, built once per forward and per key length.
 
     Holds either an explicit 4D mask from the caller, or a key padding mask [b, kv] (None: no padding) plus the
-    cache offset of the first query. `for_keys` gives the SDPA arguments for a key length, preferring
-    `is_causal`/no mask over a dense mask. A padded query still attends to itself, so no row is empty (an empty row
-    would make NaNs that leak into real rows through later layers).
+    cache offset of the first query. `for_keys` gives the attention backends' arguments for a key length,
+    preferring `is_causal`/no mask over a dense mask. `is_causal` with more keys than queries means the queries are
+    the last positions (causality aligned to the bottom right, as in flash-attn), which every backend here honours.
+    A padded query still attends to itself, so no row is empty (an empty row would make NaNs that leak into real
+    rows through later layers).
     """
 
     def __init__(self, query_len: int, past_len: Optional[int], key_padding: Optional[torch.Tensor] = None,
@@ -149,6 +151,8 @@ class AttentionMask:
                 return None, q > 1
             if q == 1 and kv_len == self.past_len + 1:
                 return None, False
+            if self.past_len is not None and kv_len == self.past_len + q:
+                return None, True  # new tokens after a cache: causal, aligned to the last key (bottom right)
         query_pos = self.past_len + torch.arange(q, device=device)
         key_pos = torch.arange(kv_len, device=device)
         allowed = key_pos[None, :] <= query_pos[:, None]
@@ -164,14 +168,18 @@ class AttentionMask:
 # ---------------------------------------------------------------------------------------------------------------
 # Attention backends: one signature, [b, heads, q, d] x [b, kv_heads, k, d] → [b, heads, q, d]
 # ---------------------------------------------------------------------------------------------------------------
+def causal_mask(query_len: int, key_len: int, device: torch.device) -> torch.Tensor:
+    """Bool [q, k]: the queries are the last `query_len` of `key_len` positions, each sees itself and before."""
+    return torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)
+
+
 def eager_attention(query, key, value, mask, is_causal, dropout_p):
     group = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(group, dim=1)
     value = value.repeat_interleave(group, dim=1)
     scores = torch.matmul(query, key.transpose(-1, -2)).float() / math.sqrt(query.shape[-1])
     if is_causal:
-        q_len, k_len = scores.shape[-2:]
-        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+        mask = causal_mask(scores.shape[-2], scores.shape[-1], scores.device)
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool else scores + mask
     probs = F.dropout(scores.softmax(dim=-1), p=dropout_p).to(value.dtype)
@@ -200,14 +208,19 @@ def sdpa_attention(query, key, value, mask, is_causal, dropout_p):
     if query.shape[2] == 1 and key.shape[1] < query.shape[1] and dropout_p == 0.0:
         return decode_attention(query, key, value, mask)
     if is_causal and mask is None and dropout_p == 0.0:
-        context = long_causal_attention(query, key, value)  # None unless long, CUDA and inference
+        # None unless CUDA inference and long, or after a cache: then cuDNN blocks merged by log-sum-exp
+        context = long_causal_attention(query, key, value)
         if context is not None:
             return context
+    if is_causal and key.shape[2] != query.shape[2]:  # SDPA's is_causal aligns to the top left: spell it out
+        mask, is_causal = causal_mask(query.shape[2], key.shape[2], query.device), False
     return sdpa(query, key, value, mask, is_causal, dropout_p)
 
 
 def flash_attention_2(query, key, value, mask, is_causal, dropout_p):
-    if mask is not None:  # padding or a preallocated cache: flash-attn needs unpadded varlen inputs; SDPA handles it
+    # padding or a preallocated cache: flash-attn needs unpadded varlen inputs; new tokens after a cache: flash-attn
+    # before 2.1 aligned causality to the top left. SDPA handles both.
+    if mask is not None or (is_causal and key.shape[2] != query.shape[2]):
         return sdpa_attention(query, key, value, mask, is_causal, dropout_p)
     import importlib
 
@@ -259,6 +272,11 @@ class SelfAttention(nn.Module):
         if past_key_values is not None:
             cache_kwargs = None if cache_position is None else {"cache_position": cache_position}
             key, value = past_key_values.update(key, value, self.layer_idx, cache_kwargs)
+            filled = None if mask.past_len is None else mask.past_len + mask.query_len
+            if mask.explicit is None and filled is not None and key.shape[-2] > filled:
+                # a preallocated cache returns all its slots; those after the new tokens are unwritten, and
+                # causality hides them, so attend to the written ones (no [q, capacity] mask, no wasted work)
+                key, value = key[:, :, :filled], value[:, :, :filled]
         attn_mask, is_causal = mask.for_keys(key.shape[-2], key.device)
         attend = ATTENTION_BACKENDS[attn_implementation(self.config)]
         dropout_p = self.attention_dropout if self.training else 0.0
@@ -869,8 +887,10 @@ class ChatGLMForConditionalGeneration(ChatGLMChatMixin, ChatGLMPreTrainedModel, 
             model_inputs["input_ids"] = input_ids[:, past_tokens:].clone(memory_format=torch.contiguous_format)
         query_len = total_len - past_tokens
         model_inputs["position_ids"] = position_ids[:, -query_len:].clone(memory_format=torch.contiguous_format)
-        if cache_is_static(past_key_values) and (attention_mask is None or attention_mask.dim() == 2):
-            # Fixed-shape mask over the whole preallocated cache keeps compiled decoding free of recompiles.
+        if cache_is_static(past_key_values) and query_len == 1 and (attention_mask is None or
+                                                                     attention_mask.dim() == 2):
+            # Fixed-shape mask over the whole preallocated cache keeps compiled decoding free of recompiles. (The
+            # prompt keeps its 2D mask: an eager forward attends to the written slots only.)
             key_padding = attention_mask if attention_mask is not None else input_ids.new_ones(input_ids.shape)
             key_padding = F.pad(key_padding, (prefix_len, 0), value=1) if prefix_len else key_padding
             max_len = static_cache_capacity(past_key_values)

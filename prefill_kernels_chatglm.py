@@ -7,7 +7,8 @@ temporaries; docs/performance.md). Here each is one pass:
   ``rms_norm``         x [rows, hidden] -> weight * (x * rsqrt(mean(x²) + eps)), float32 inside
   ``rotary_split``     fused qkv output [b, s, q + 2·kv] -> rotated q, rotated k, v written into their buffers
   ``swiglu``           [rows, 2·ffn] -> silu(gate) * up
-  ``long_causal_attention``  the causal triangle as square cuDNN calls merged by log-sum-exp (L2-sized blocks)
+  ``long_causal_attention``  the causal triangle (and the keys of a cache before it) as cuDNN calls on L2-sized
+                             blocks, merged by log-sum-exp
 
 Rounding follows the torch code they replace (products rounded to the model dtype where torch rounds them), so
 the fused and unfused prefill agree to the last bit or nearly. `enabled(x)` says whether they apply; set
@@ -236,26 +237,30 @@ def _merge(parts: list[torch.Tensor], lses: list[torch.Tensor], out: torch.Tenso
 
 def blocked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block: int,
                              attend: Optional[Callable] = None) -> torch.Tensor:
-    """Causal attention as square blocks of `block` queries x keys, merged by log-sum-exp.
+    """Causal attention as blocks of `block` queries x keys, merged by log-sum-exp.
 
-    query [b, heads, s, d], key/value [b, kv_heads, s, d] → [b, heads, s, d] in query's memory layout. Each kv
-    head serves its group of query heads through a stride-0 expand (no copy). `attend(q, k, v, causal)` →
-    (output, log-sum-exp [b, h, q, 1]); default: cuDNN's."""
+    query [b, heads, s, d] (the last s positions), key/value [b, kv_heads, past + s, d] → [b, heads, s, d] in
+    query's memory layout. A query block sees the past in unmasked blocks, the earlier query blocks' keys unmasked
+    and its own square causally. Each kv head serves its group of query heads through a stride-0 expand (no copy).
+    `attend(q, k, v, causal)` → (output, log-sum-exp [b, h, q, 1]); default: cuDNN's."""
     attend = attend or _attention_with_lse
     b, heads, s, d = query.shape
-    kv_heads = key.shape[1]
+    kv_heads, total = key.shape[1], key.shape[2]
+    past = total - s
     group = heads // kv_heads
     out = torch.empty_like(query)
+    past_blocks = [slice(start, min(start + block, past)) for start in range(0, past, block)]
     blocks = [slice(start, min(start + block, s)) for start in range(0, s, block)]
     for g in range(kv_heads):
         heads_g = slice(g * group, (g + 1) * group)
-        k_g = key[:, g:g + 1].expand(b, group, s, d)
-        v_g = value[:, g:g + 1].expand(b, group, s, d)
+        k_g = key[:, g:g + 1].expand(b, group, total, d)
+        v_g = value[:, g:g + 1].expand(b, group, total, d)
         for i, rows in enumerate(blocks):
             q = query[:, heads_g, rows]
             parts, lses = [], []
-            for j, cols in enumerate(blocks[:i + 1]):
-                part, lse = attend(q, k_g[:, :, cols], v_g[:, :, cols], causal=i == j)
+            key_blocks = past_blocks + [slice(past + cols.start, past + cols.stop) for cols in blocks[:i + 1]]
+            for j, cols in enumerate(key_blocks):
+                part, lse = attend(q, k_g[:, :, cols], v_g[:, :, cols], causal=j == len(key_blocks) - 1)
                 parts.append(part)
                 lses.append(lse)
             _merge(parts, lses, out[:, heads_g, rows])
@@ -263,10 +268,12 @@ def blocked_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torc
 
 
 def long_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> Optional[torch.Tensor]:
-    """Causal self-attention of a long input ([b, heads, s, d] x [b, kv_heads, s, d]) as L2-sized cuDNN blocks;
-    None where that does not apply (short inputs, no CUDA, no working cuDNN log-sum-exp): the caller runs SDPA."""
-    s = query.shape[2]
-    if s < MIN_BLOCKED_LENGTH or key.shape[2] != s or not enabled(query):
+    """Causal attention of s new positions ([b, heads, s, d]) over a cache's keys and theirs ([b, kv_heads,
+    past + s, d]) as L2-sized cuDNN blocks. None where that does not apply (no CUDA, no working cuDNN log-sum-exp,
+    or a short input without a past, which one SDPA call does best): the caller runs SDPA. With a past, SDPA would
+    need a dense [s, past + s] mask, so the blocks are used at any length."""
+    s, past = query.shape[2], key.shape[2] - query.shape[2]
+    if past < 0 or (past == 0 and s < MIN_BLOCKED_LENGTH) or not enabled(query):
         return None
     if not _lse_attention_works(query):
         return None
@@ -278,13 +285,14 @@ def _lse_attention_works(like: torch.Tensor) -> bool:
     if _STATE["lse_attention"] is None:
         try:
             generator = torch.Generator(device=like.device).manual_seed(0)
-            shape = (1, 4, 384, like.shape[-1])
+            shape, past = (1, 4, 384, like.shape[-1]), 200  # a past too: unmasked blocks of other lengths
             query = torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
-            key, value = (torch.randn((1, 2) + shape[2:], generator=generator, device=like.device, dtype=like.dtype)
-                          for _ in range(2))
+            key, value = (torch.randn((1, 2, past + shape[2], shape[3]), generator=generator, device=like.device,
+                                      dtype=like.dtype) for _ in range(2))
             got = blocked_causal_attention(query, key, value, 128)
+            allowed = torch.ones(shape[2], past + shape[2], dtype=torch.bool, device=like.device).tril(past)
             want = torch.nn.functional.scaled_dot_product_attention(
-                query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), is_causal=True)
+                query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=allowed)
             error = (got.float() - want.float()).abs().max().item()
             _STATE["lse_attention"] = error < 2e-2
             if error >= 2e-2:

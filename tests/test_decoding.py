@@ -66,6 +66,22 @@ def test_fast_path_only_takes_requests_it_serves(model64):
 
 
 @torch.no_grad()
+def test_fast_generate_prefill_attends_to_the_prompt_slots_only(model64, monkeypatch):
+    """The prompt goes into a cache preallocated for prompt + new tokens; its attention reads the written slots
+    only, causally and without a mask (not a [prompt, capacity] mask over the whole allocation)."""
+    import chatglm.modeling_chatglm as modeling
+
+    calls = []
+    backend = modeling.ATTENTION_BACKENDS["sdpa"]
+    monkeypatch.setitem(modeling.ATTENTION_BACKENDS, "sdpa", lambda q, k, v, mask, causal, p: calls.append(
+        (q.shape[2], k.shape[2], mask, causal)) or backend(q, k, v, mask, causal, p))
+    ids = random_prompts(seed=35, lengths=(9,))[0][None]
+    model64.fast_generate(ids, max_new_tokens=2, do_sample=False, compile=False)
+    layers = model64.config.num_layers  # (the last layer's prefill computes its last position only)
+    assert calls[:layers] == [(9, 9, None, True)] * (layers - 1) + [(1, 9, None, False)], calls[:layers]
+
+
+@torch.no_grad()
 def test_static_kv_cache_in_a_plain_forward(model64):
     """Our preallocated cache works with forward() directly: prefill, then steps, equal to the full forward."""
     ids = random_prompts(seed=34, lengths=(9,))[0][None]

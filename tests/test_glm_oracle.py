@@ -33,3 +33,18 @@ def test_logits_equal_glm_for_causal_lm(rope):
     keep = mask.bool()
     scale = theirs[keep].abs().max()
     assert (ours[keep] - theirs[keep]).abs().max() <= 1e-4 * scale
+
+
+@torch.no_grad()
+def test_prompt_in_pieces_equals_glm_for_causal_lm():
+    """The benchmark's chunked prefill (tools/bench.py --prefill-piece): our model fed 16 tokens at a time into one
+    cache gives GlmForCausalLM's next-token logits for the whole prompt, and so does the peer fed the same way."""
+    from bench import prefill_fn
+
+    model = tiny_model(seed=22, seq_length=4096)
+    peer = glm_peer(model)
+    ids = torch.randint(10, 512, (1, 45), generator=torch.Generator().manual_seed(22))
+    want = peer(input_ids=ids).logits[:, -1]
+    for system, is_peer in ((model, False), (peer, True)):
+        got = prefill_fn(system, ids, 16, is_peer)().logits[:, -1]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

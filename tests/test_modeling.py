@@ -131,6 +131,35 @@ def test_cache_continues_into_the_next_turn(model64):
     assert torch.equal(continued, scratch)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+@torch.no_grad()
+def test_prompt_in_pieces_equals_one_forward(cache_kind, attn):
+    """New tokens after a cache (a chunked prefill, the next turn of a chat) see the cache and, causally, each
+    other: the same logits and cache as one forward over the whole prompt, with either cache kind."""
+    from chatglm.decoding_chatglm import StaticKVCache
+
+    model64 = tiny_model(seed=3).double()
+    model64.config._attn_implementation = attn
+    config = model64.config
+    ids = random_prompts(seed=40, lengths=(20,))[0][None]
+    full = model64(input_ids=ids, use_cache=True)
+    static = cache_kind == "static"
+    cache = StaticKVCache(config.num_layers, 1, config.num_key_value_heads, config.kv_channels, 32, torch.float64,
+                          "cpu") if static else new_dynamic_cache()
+    logits = []
+    for piece in (slice(0, 7), slice(7, 8), slice(8, 20)):
+        logits.append(model64(input_ids=ids[:, piece], past_key_values=cache, use_cache=True).logits)
+        if static:
+            cache.length = piece.stop
+    tolerance = dict(rtol=1e-5, atol=1e-5) if attn == "eager" else {}  # eager's scores are float32
+    torch.testing.assert_close(torch.cat(logits, 1), full.logits, **tolerance)
+    for layer in range(config.num_layers):
+        got = (cache.keys[layer], cache.values[layer]) if static else cache_layer(cache, layer)
+        for tensor, want in zip(got, cache_layer(full.past_key_values, layer)):
+            torch.testing.assert_close(tensor[:, :, :20], want, **tolerance)
+
+
 @torch.no_grad()
 def test_static_cache_generate_matches_dynamic(model64):
     cache_utils = pytest.importorskip("transformers.cache_utils")

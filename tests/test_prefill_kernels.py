@@ -113,16 +113,21 @@ def eager_attention_with_lse(query, key, value, causal):
     return (scores.softmax(-1) @ value.float()).to(query.dtype), scores.logsumexp(-1, keepdim=True)
 
 
-@pytest.mark.parametrize("length,block", [(96, 32), (100, 32), (64, 64)], ids=["even", "ragged", "one-block"])
+@pytest.mark.parametrize("length,past,block", [(96, 0, 32), (100, 0, 32), (64, 0, 64), (40, 70, 32), (5, 64, 32),
+                                               (70, 3, 32)],
+                         ids=["even", "ragged", "one-block", "after-a-past", "few-after-a-past", "short-past"])
 @torch.no_grad()
-def test_blocked_causal_attention_matches_one_call(length, block):
-    """Square blocks merged by log-sum-exp give causal attention over the whole input (grouped kv heads)."""
+def test_blocked_causal_attention_matches_one_call(length, past, block):
+    """Blocks merged by log-sum-exp give causal attention over the whole input (grouped kv heads), also for new
+    positions after a cache's keys (each query sees the past and the new keys up to its own)."""
     from chatglm.prefill_kernels_chatglm import blocked_causal_attention
 
     dtype = torch.float16
     query = _random(1, length, 4, 16, dtype=dtype).transpose(1, 2)
-    key, value = _random(1, 2, length, 16, dtype=dtype, seed=1), _random(1, 2, length, 16, dtype=dtype, seed=2)
-    want = eager_attention_with_lse(query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), True)[0]
+    key, value = (_random(1, 2, past + length, 16, dtype=dtype, seed=seed) for seed in (1, 2))
+    scores = query.float() @ key.repeat_interleave(2, 1).float().transpose(-1, -2) / 4.0
+    allowed = torch.arange(past + length, device=DEVICE)[None, :] <= past + torch.arange(length, device=DEVICE)[:, None]
+    want = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ value.repeat_interleave(2, 1).float()
     got = blocked_causal_attention(query, key, value, block, attend=eager_attention_with_lse)
     assert got.stride() == query.stride(), "the output should keep the query's memory layout"
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2e-3)
@@ -171,6 +176,48 @@ def test_fused_long_prefill_matches_torch_chunks(dtype, monkeypatch):
         assert _relative(got, want) <= 2 * _relative(torch_path, want) + 2e-3
         if dtype == torch.float16:  # exact kernels but for attention's merged blocks
             assert _relative(got, torch_path) < 1e-2
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+@torch.no_grad()
+def test_new_tokens_after_a_cache_take_the_blocks_without_a_mask(cache_kind, monkeypatch):
+    """A prompt fed in pieces (a chunked prefill, the next turn of a chat) attends to the cache's keys through the
+    blocked path, without a dense [new, past + new] mask: same logits and cache as the torch path."""
+    import chatglm.modeling_chatglm as modeling
+    from chatglm import prefill_kernels_chatglm as kernels
+    from chatglm.compat_chatglm import cache_layer, new_dynamic_cache
+    from chatglm.decoding_chatglm import StaticKVCache
+
+    if DEVICE == "cpu":
+        monkeypatch.setattr(kernels, "_attention_with_lse", eager_attention_with_lse)
+    monkeypatch.setattr(kernels, "ATTENTION_BLOCK", 8)
+    monkeypatch.setitem(kernels._STATE, "lse_attention", None)
+    masks = []
+    monkeypatch.setattr(modeling, "sdpa",
+                        lambda q, k, v, mask, *a, f=modeling.sdpa: masks.append(mask) or f(q, k, v, mask, *a))
+    model = tiny_model(seed=8).to(DEVICE, torch.float16)
+    config = model.config
+    ids = torch.randint(10, 500, (1, 30), generator=torch.Generator().manual_seed(6)).to(DEVICE)
+
+    def in_pieces():
+        static = cache_kind == "static"
+        cache = StaticKVCache(config.num_layers, 1, config.num_key_value_heads, config.kv_channels, 40,
+                              torch.float16, DEVICE) if static else new_dynamic_cache()
+        logits = []
+        for piece in (slice(0, 11), slice(11, 12), slice(12, 30)):
+            logits.append(model(input_ids=ids[:, piece], past_key_values=cache, use_cache=True).logits)
+            if static:
+                cache.length = piece.stop  # its filled length is the caller's to keep
+        layers = [(cache.keys[i], cache.values[i]) if static else cache_layer(cache, i)
+                  for i in range(config.num_layers)]
+        return [torch.cat(logits, 1)] + [t[:, :, :30] for pair in layers for t in pair]
+
+    fused = in_pieces()
+    assert kernels._STATE["lse_attention"], "the blocked attention should have run"
+    assert all(mask is None for mask in masks), "no dense mask should reach SDPA"
+    monkeypatch.setenv("CHATGLM_FUSED_PREFILL", "0")
+    for got, want in zip(fused, in_pieces()):
+        assert _relative(got, want) < 1e-2
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ The peer is transformers' GlmForCausalLM with our weights renamed (the same func
 over the peer's. Weights are random at the variant's real shape unless --tiny. Decode rate = batch · (new − 1) /
 (t(generate new) − t(generate 1)), so prefill is excluded; each system is warmed up first (compilation included).
 Long prefills (--long-prefill) also report the mean SM clock and board power while they ran (`gpu`): at 131072
-tokens an H200 runs at its power limit, so the clock, not the kernels' peak rate, sets the time.
+tokens an H200 runs at its power limit, so the clock, not the kernels' peak rate, sets the time. With
+--prefill-piece the long prefill is fed in pieces into one cache (a chunked prefill).
 """
 from __future__ import annotations
 
@@ -98,19 +99,34 @@ def measure(name: str, model, args, cache: str, peer: bool) -> dict:
     return result
 
 
+def prefill_fn(model, ids: torch.Tensor, piece: int, peer: bool):
+    """One prefill of ids [b, n] into a fresh cache, last-position logits only (what generate() runs); with
+    `piece`, fed that many tokens at a time into the same cache (a chunked prefill: every later piece attends to
+    the cache's keys as well as its own)."""
+    last = {"logits_to_keep": 1} if peer else {"return_last_logit": True}
+    piece = piece or ids.shape[1]
+
+    def run():
+        out = None
+        for start in range(0, ids.shape[1], piece):
+            out = model(input_ids=ids[:, start:start + piece], use_cache=True,
+                        past_key_values=None if out is None else out.past_key_values, **last)
+        return out
+    return run
+
+
 def measure_long_prefill(name: str, model, args, length: int, peer: bool) -> dict:
-    """One prefill of `length` tokens into a fresh cache, last-position logits only (what generate() runs)."""
     vocab = model.config.vocab_size if peer else model.config.padded_vocab_size
     ids = torch.randint(10, vocab, (1, length), generator=torch.Generator().manual_seed(2)).to(args.device)
-    last = {"logits_to_keep": 1} if peer else {"return_last_logit": True}
-    result = {"system": name, "prefill_tokens": length}
+    result = {"system": name, "prefill_tokens": length, "piece": args.prefill_piece or length}
+    run = prefill_fn(model, ids, args.prefill_piece, peer)
     try:
         with torch.no_grad():
-            model(input_ids=ids, use_cache=True, **last)  # warm-up at full length: the first call compiles kernels
+            run()  # warm-up at full length: the first call compiles kernels
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             with GpuTelemetry() as telemetry:
-                seconds = timed(lambda: model(input_ids=ids, use_cache=True, **last), args.device, args.repeat)
+                seconds = timed(run, args.device, args.repeat)
         result.update(seconds=round(seconds, 3), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                       gpu=telemetry.summary())
     except Exception as error:
@@ -134,6 +150,8 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--long-prefill", type=int, nargs="*", default=[],
                         help="instead of decode: time one prefill of each length (CUDA), e.g. 32768 131072")
+    parser.add_argument("--prefill-piece", type=int, default=0,
+                        help="with --long-prefill: feed it this many tokens at a time into one cache")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
