@@ -25,6 +25,7 @@ from .chat_chatglm import ChatGLMChatMixin
 # transformers 4.30 copies into its module cache only the modules this file imports itself (not their imports):
 from .chat_format import CHATGLM3 as _CHATGLM3  # noqa: F401  (imported by chat_chatglm)
 from .compat_chatglm import (
+    SDPA_ENABLE_GQA,
     GenerationMixin,
     GradientCheckpointingMixin,
     as_cache,
@@ -206,6 +207,10 @@ def decode_attention(query, key, value, mask):
 
 def sdpa_attention(query, key, value, mask, is_causal, dropout_p):
     if query.shape[2] == 1 and key.shape[1] < query.shape[1] and dropout_p == 0.0:
+        if mask is None and query.is_cuda and query.dtype != torch.float32 and SDPA_ENABLE_GQA:
+            # flash-decoding: SDPA splits the keys over the SMs, where the two matmuls' second one (a reduction
+            # over every key) runs on a few blocks, and on slow kernels when the key count is not a multiple of 8
+            return sdpa(query, key, value, None, False, 0.0)
         return decode_attention(query, key, value, mask)
     if is_causal and mask is None and dropout_p == 0.0:
         # None unless CUDA inference and long, or after a cache: then cuDNN blocks merged by log-sum-exp
@@ -833,19 +838,29 @@ class ChatGLMForConditionalGeneration(ChatGLMChatMixin, ChatGLMPreTrainedModel, 
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         return_last_logit: bool = False,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
         **kwargs: Any,
     ) -> Union[CausalLMOutputWithPast, tuple]:
-        """→ logits [b, s, vocab] (or [b, 1, vocab] with return_last_logit), loss when labels [b, s] are given
-        (shifted cross-entropy in float32, -100 ignored)."""
+        """→ logits [b, s, vocab], loss when labels [b, s] are given (shifted cross-entropy in float32, -100 ignored).
+        `logits_to_keep` (transformers' convention; `num_logits_to_keep` on 4.45-4.49): n > 0 keeps the last n
+        positions' logits, a 1D tensor the positions it lists; `return_last_logit` (the official flag) is n = 1,
+        where the last layer computes the last position only."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        logits_to_keep = 1 if return_last_logit else kwargs.pop("num_logits_to_keep", logits_to_keep)
+        keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        if labels is not None and not keep_all:
+            raise ValueError("labels need the logits of every position: drop logits_to_keep / return_last_logit, "
+                             "or compute the loss from the kept logits yourself")
         outputs = self.transformer(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                    output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                                    return_dict=True, cache_position=kwargs.get("cache_position"),
-                                   last_position_only=return_last_logit and labels is None)
+                                   last_position_only=isinstance(logits_to_keep, int) and logits_to_keep == 1)
         hidden_states = outputs.last_hidden_state
-        if return_last_logit:
-            hidden_states = hidden_states[:, -1:]
+        if isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[:, logits_to_keep.to(hidden_states.device)]
+        elif not keep_all:
+            hidden_states = hidden_states[:, -logits_to_keep:]
         logits = self.transformer.output_layer(hidden_states)
         loss = None
         if labels is not None:

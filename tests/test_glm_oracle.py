@@ -45,6 +45,6 @@ def test_prompt_in_pieces_equals_glm_for_causal_lm():
     peer = glm_peer(model)
     ids = torch.randint(10, 512, (1, 45), generator=torch.Generator().manual_seed(22))
     want = peer(input_ids=ids).logits[:, -1]
-    for system, is_peer in ((model, False), (peer, True)):
-        got = prefill_fn(system, ids, 16, is_peer)().logits[:, -1]
+    for system in (model, peer):
+        got = prefill_fn(system, ids, 16)().logits[:, -1]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

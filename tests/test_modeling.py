@@ -315,11 +315,14 @@ def test_long_input_chunked_path_matches(monkeypatch, model64):
                                model64(input_ids=step, attention_mask=step_mask, past_key_values=plain.past_key_values).logits)
 
 
+@pytest.mark.parametrize("flag", [dict(return_last_logit=True), dict(logits_to_keep=1)],
+                         ids=["return_last_logit", "logits_to_keep"])
 @pytest.mark.parametrize("chunk", [None, 4], ids=["plain", "chunked"])
 @torch.no_grad()
-def test_last_logit_prefill_computes_the_last_layer_for_the_last_position_only(monkeypatch, model64, chunk):
-    """return_last_logit (what generate's prefill asks) runs the last layer on the last position only: the same
-    last logits and the same cache (every layer's keys and values) as the full forward, left padding included."""
+def test_last_logit_prefill_computes_the_last_layer_for_the_last_position_only(monkeypatch, model64, chunk, flag):
+    """return_last_logit (what generate's prefill asks; logits_to_keep=1 in transformers' terms) runs the last layer
+    on the last position only: the same last logits and the same cache (every layer's keys and values) as the full
+    forward, left padding included."""
     import chatglm.modeling_chatglm as modeling
 
     if chunk:
@@ -329,7 +332,7 @@ def test_last_logit_prefill_computes_the_last_layer_for_the_last_position_only(m
     calls = []
     last = model64.transformer.encoder.layers[-1]
     monkeypatch.setattr(last.mlp, "forward", lambda x, f=last.mlp.forward: calls.append(x.shape[1]) or f(x))
-    fast = model64(input_ids=ids, attention_mask=mask, use_cache=True, return_last_logit=True)
+    fast = model64(input_ids=ids, attention_mask=mask, use_cache=True, **flag)
     assert calls == [1], "the last layer's MLP should see one position"
     assert fast.logits.shape == (2, 1, full.logits.shape[-1])
     torch.testing.assert_close(fast.logits[:, 0], full.logits[:, -1], rtol=1e-10, atol=1e-10)
@@ -383,3 +386,43 @@ def test_return_dict_false_gives_the_same_values_as_a_tuple():
     torch.testing.assert_close(as_tuple[0], as_dict.loss)
     torch.testing.assert_close(as_tuple[1], as_dict.logits)
     assert as_tuple[2].get_seq_length() == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-decoding through SDPA is the CUDA path")
+@torch.no_grad()
+def test_cuda_decode_step_without_a_mask_runs_sdpa(monkeypatch):
+    """A one-token step over a cache without padding (generate() on one prompt) goes to SDPA's flash-decoding on
+    CUDA, here with a key count that is not a multiple of 8, and gives the float32 model's logits."""
+    import chatglm.modeling_chatglm as modeling
+
+    calls = []
+    monkeypatch.setattr(modeling, "sdpa", lambda q, k, v, mask, *a, f=modeling.sdpa:
+                        calls.append((q.shape[2], mask)) or f(q, k, v, mask, *a))
+    ids = random_prompts(seed=41, lengths=(38,))[0][None]
+    want = tiny_model(seed=9)(input_ids=ids).logits[:, -1]
+    model = tiny_model(seed=9).to("cuda", torch.float16)
+    out = model(input_ids=ids[:, :-1].cuda(), use_cache=True)
+    got = model(input_ids=ids[:, -1:].cuda(), past_key_values=out.past_key_values).logits[:, -1].float().cpu()
+    if modeling.SDPA_ENABLE_GQA:
+        assert (1, None) in calls, "the step should run SDPA without a mask"
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-2
+
+
+@torch.no_grad()
+def test_logits_to_keep_keeps_the_asked_positions(model64):
+    """transformers' `logits_to_keep`: the last n positions, or the listed ones (also as `num_logits_to_keep`)."""
+    ids = random_prompts(seed=42, lengths=(9,))[0][None]
+    full = model64(input_ids=ids).logits
+    torch.testing.assert_close(model64(input_ids=ids, logits_to_keep=3).logits, full[:, -3:])
+    torch.testing.assert_close(model64(input_ids=ids, num_logits_to_keep=2).logits, full[:, -2:])
+    positions = torch.tensor([0, 4, 8])
+    torch.testing.assert_close(model64(input_ids=ids, logits_to_keep=positions).logits, full[:, positions])
+    assert model64(input_ids=ids, logits_to_keep=0).logits.shape == full.shape
+
+
+@pytest.mark.parametrize("flag", [dict(return_last_logit=True), dict(logits_to_keep=2)])
+def test_labels_with_kept_logits_are_refused(model64, flag):
+    """A loss needs every position's logits; with only the last ones it would be NaN or wrong, silently."""
+    ids = random_prompts(seed=43, lengths=(6,))[0][None]
+    with pytest.raises(ValueError, match="labels need the logits of every position"):
+        model64(input_ids=ids, labels=ids, **flag)

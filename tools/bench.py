@@ -75,8 +75,7 @@ def measure(name: str, model, args, cache: str, peer: bool) -> dict:
     result = {"system": name, "cache": cache}
     try:
         with torch.no_grad():
-            last = {"logits_to_keep": 1} if peer else {"return_last_logit": True}
-            prefill = timed(lambda: model(input_ids=ids, use_cache=False, **last), args.device, repeat=3)
+            prefill = timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), args.device, repeat=3)
             result["prefill_tok_s"] = round(args.batch * args.prompt / prefill, 1)
             generate_fn(model, ids, args.new, cache)()  # warm-up (compiles where the cache asks for it)
             if args.device.startswith("cuda"):
@@ -99,18 +98,17 @@ def measure(name: str, model, args, cache: str, peer: bool) -> dict:
     return result
 
 
-def prefill_fn(model, ids: torch.Tensor, piece: int, peer: bool):
+def prefill_fn(model, ids: torch.Tensor, piece: int = 0):
     """One prefill of ids [b, n] into a fresh cache, last-position logits only (what generate() runs); with
     `piece`, fed that many tokens at a time into the same cache (a chunked prefill: every later piece attends to
     the cache's keys as well as its own)."""
-    last = {"logits_to_keep": 1} if peer else {"return_last_logit": True}
     piece = piece or ids.shape[1]
 
     def run():
         out = None
         for start in range(0, ids.shape[1], piece):
             out = model(input_ids=ids[:, start:start + piece], use_cache=True,
-                        past_key_values=None if out is None else out.past_key_values, **last)
+                        past_key_values=None if out is None else out.past_key_values, logits_to_keep=1)
         return out
     return run
 
@@ -119,7 +117,7 @@ def measure_long_prefill(name: str, model, args, length: int, peer: bool) -> dic
     vocab = model.config.vocab_size if peer else model.config.padded_vocab_size
     ids = torch.randint(10, vocab, (1, length), generator=torch.Generator().manual_seed(2)).to(args.device)
     result = {"system": name, "prefill_tokens": length, "piece": args.prefill_piece or length}
-    run = prefill_fn(model, ids, args.prefill_piece, peer)
+    run = prefill_fn(model, ids, args.prefill_piece)
     try:
         with torch.no_grad():
             run()  # warm-up at full length: the first call compiles kernels

@@ -43,7 +43,7 @@ def prefill(model, ids: torch.Tensor, fused: bool, piece: int = 0) -> tuple[torc
     from chatglm.compat_chatglm import cache_layer
 
     os.environ["CHATGLM_FUSED_PREFILL"] = "1" if fused else "0"
-    out = prefill_fn(model, ids, piece, peer=False)()
+    out = prefill_fn(model, ids, piece)()
     layers = (0, model.config.num_layers // 2, model.config.num_layers - 1)
     cache = [t.clone() for i in layers for t in cache_layer(out.past_key_values, i)]
     return out.logits[:, -1].float(), cache
