@@ -122,7 +122,8 @@ def main() -> None:
                     lambda: model.generate(**request, **kwargs)[0, prompt.shape[1]:])
                 result.update({f"generate_{name}_seconds": seconds, f"generate_{name}_peak_gib": peak})
             agree = (tokens["dynamic"] == tokens["static"]).long().cumprod(0).sum()
-            result.update(generate_prompt=prompt.shape[1], generate_leading_tokens_agree=f"{int(agree)}/{args.generate}")
+            result.update(generate_prompt=prompt.shape[1],
+                          generate_leading_tokens_agree=f"{int(agree)}/{args.generate}")
         print(json.dumps(result), flush=True)
         del fused_cache, plain_cache
         torch.cuda.empty_cache()
