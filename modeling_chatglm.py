@@ -191,9 +191,9 @@ def decode_attention(query, key, value, mask):
     """One query token per row: [b, heads, 1, d] against [b, kv_heads, k, d] → [b, heads, 1, d].
 
     The query heads of each key/value group are folded into one [group, d] block, so every key/value head is read
-    once and never copied, and the product runs as two small batched matmuls. With a mask (padding, the compiled
-    static-cache step) SDPA's masked kernels cost more to launch and tile at 16 query rows than the arithmetic
-    (docs/performance.md); without one, on CUDA, `sdpa_attention` runs SDPA's flash-decoding instead.
+    once and never copied, and the product runs as two small batched matmuls. It serves off CUDA and in the
+    compiled static-cache step, where at 1280 slots they cost less than SDPA's masked kernels (docs/performance.md);
+    eager steps on CUDA run SDPA (see `sdpa_attention`), which also scales to long caches.
     """
     b, heads, _, d = query.shape
     folded = query.reshape(b, key.shape[1], heads // key.shape[1], d)
@@ -208,10 +208,11 @@ def decode_attention(query, key, value, mask):
 
 def sdpa_attention(query, key, value, mask, is_causal, dropout_p):
     if query.shape[2] == 1 and key.shape[1] < query.shape[1] and dropout_p == 0.0:
-        if mask is None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and SDPA_ENABLE_GQA:
-            # flash-decoding: SDPA splits the keys over the SMs, where the two matmuls' second one (a reduction
+        if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and SDPA_ENABLE_GQA \
+                and not is_compiling():
+            # SDPA splits the keys over the SMs (flash-decoding), where the two matmuls' second one (a reduction
             # over every key) runs on a few blocks, and on slow kernels when the key count is not a multiple of 8
-            return sdpa(query, key, value, None, False, 0.0)
+            return sdpa(query, key, value, mask, False, 0.0)
         return decode_attention(query, key, value, mask)
     if is_causal and mask is None and dropout_p == 0.0:
         # None unless CUDA inference and long, or after a cache: then cuDNN blocks merged by log-sum-exp

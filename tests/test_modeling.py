@@ -389,22 +389,28 @@ def test_return_dict_false_gives_the_same_values_as_a_tuple():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-decoding through SDPA is the CUDA path")
+@pytest.mark.parametrize("padded", [False, True], ids=["one-prompt", "left-padded"])
 @torch.no_grad()
-def test_cuda_decode_step_without_a_mask_runs_sdpa(monkeypatch):
-    """A one-token step over a cache without padding (generate() on one prompt) goes to SDPA's flash-decoding on
-    CUDA, here with a key count that is not a multiple of 8, and gives the float32 model's logits."""
+def test_cuda_decode_step_runs_sdpa(monkeypatch, padded):
+    """An eager one-token step over a cache goes to SDPA on CUDA (flash-decoding without padding, a [b, 1, 1, k]
+    mask with it), here with key counts that are not a multiple of 8, and gives the float32 model's logits."""
     import chatglm.modeling_chatglm as modeling
 
     calls = []
     monkeypatch.setattr(modeling, "sdpa", lambda q, k, v, mask, *a, f=modeling.sdpa:
-                        calls.append((q.shape[2], mask)) or f(q, k, v, mask, *a))
-    ids = random_prompts(seed=41, lengths=(38,))[0][None]
-    want = tiny_model(seed=9)(input_ids=ids).logits[:, -1]
+                        calls.append((q.shape[2], None if mask is None else tuple(mask.shape))) or f(q, k, v, mask, *a))
+    ids, mask = left_pad(random_prompts(seed=41, lengths=(38, 30) if padded else (38,)))
+    step = torch.full((ids.shape[0], 1), 77)
+    step_mask = torch.cat([mask, torch.ones_like(step)], 1)
+    reference = tiny_model(seed=9)
+    want = reference(input_ids=torch.cat([ids, step], 1), attention_mask=step_mask).logits[:, -1]
     model = tiny_model(seed=9).to("cuda", torch.float16)
-    out = model(input_ids=ids[:, :-1].cuda(), use_cache=True)
-    got = model(input_ids=ids[:, -1:].cuda(), past_key_values=out.past_key_values).logits[:, -1].float().cpu()
+    out = model(input_ids=ids.cuda(), attention_mask=mask.cuda(), use_cache=True)
+    got = model(input_ids=step.cuda(), attention_mask=step_mask.cuda(), past_key_values=out.past_key_values)
+    got = got.logits[:, -1].float().cpu()
     if modeling.SDPA_ENABLE_GQA:
-        assert (1, None) in calls, "the step should run SDPA without a mask"
+        expected = (1, (ids.shape[0], 1, 1, 39)) if padded else (1, None)
+        assert expected in calls, f"the step should run SDPA: {calls}"
     assert float((got - want).abs().max() / want.abs().max()) < 1e-2
 
 

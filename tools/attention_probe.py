@@ -1,7 +1,10 @@
 """Times one causal self-attention over a long sequence with each SDPA backend (GQA: 32 query heads, 2 kv heads).
 
     python tools/attention_probe.py --lengths 32768 131072
-Used to choose the long-prefill attention kernel; prints JSON lines (seconds, peak GiB, TFLOP/s).
+    python tools/attention_probe.py --decode --lengths 1280 8191 32767 131001 --batches 1 4
+Used to choose the long-prefill attention kernel; prints JSON lines (seconds, peak GiB, TFLOP/s). `--decode` times
+one-token steps over a cache instead: the two matmuls over folded heads (`decode_attention`) against SDPA with
+shared kv heads, without a mask and with a left-padding mask, in microseconds per call (host launch included).
 """
 from __future__ import annotations
 
@@ -118,6 +121,31 @@ def single_calls(length: int, reps: int) -> None:
         torch.cuda.empty_cache()
 
 
+def decode_steps(length: int, batch: int, reps: int = 30) -> None:
+    """One query token per row against `length` cached keys: the matmuls vs SDPA (GQA), max error vs float32."""
+    from chatglm.compat_chatglm import sdpa
+    from chatglm.modeling_chatglm import decode_attention
+
+    q = torch.randn(batch, 32, 1, 128, dtype=torch.float16, device="cuda")
+    k, v = (torch.randn(batch, 2, length, 128, dtype=torch.float16, device="cuda") for _ in range(2))
+    padded = torch.ones(batch, 1, 1, length, dtype=torch.bool, device="cuda")
+    for row in range(batch):
+        padded[row, ..., :37 * row] = False  # row i is left-padded by 37·i positions
+    for mask in (None, padded):
+        want = decode_attention(q.float(), k.float(), v.float(), mask)
+        result = {"keys": length, "batch": batch, "mask": mask is not None}
+        for name, attend in (("matmuls", decode_attention), ("sdpa", lambda *a: sdpa(*a, False, 0.0))):
+            got = attend(q, k, v, mask)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(reps):
+                attend(q, k, v, mask)
+            torch.cuda.synchronize()
+            result[f"{name}_us"] = round((time.perf_counter() - start) / reps * 1e6, 1)
+            result[f"{name}_max_error"] = float(f"{(got.float() - want).abs().max():.2e}")
+        print(json.dumps(result), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
@@ -128,8 +156,15 @@ def main() -> None:
                         help="instead: time the causal triangle as square cuDNN calls of this many tokens, merged")
     parser.add_argument("--single-calls", action="store_true", help="instead: time single cuDNN calls per shape")
     parser.add_argument("--reps", type=int, default=3, help="--single-calls: back-to-back repetitions timed")
+    parser.add_argument("--decode", action="store_true", help="instead: time one-token steps over a cache")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1], help="--decode: batch sizes")
     args = parser.parse_args()
     import_package()
+    if args.decode:
+        for batch in args.batches:
+            for length in args.lengths:
+                decode_steps(length, batch)
+        return
     if args.single_calls:
         for length in args.lengths:
             single_calls(length, args.reps)
