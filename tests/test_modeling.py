@@ -131,33 +131,39 @@ def test_cache_continues_into_the_next_turn(model64):
     assert torch.equal(continued, scratch)
 
 
+def prompt_in_pieces(model, ids: torch.Tensor, ends: tuple, cache_kind: str) -> list[torch.Tensor]:
+    """Feed ids [1, n] into one cache ("dynamic", or our preallocated "static" one) in pieces ending at `ends`
+    → [logits of every position] + every layer's keys and values for the n positions."""
+    from chatglm.decoding_chatglm import StaticKVCache
+
+    config, static, n = model.config, cache_kind == "static", ids.shape[1]
+    cache = StaticKVCache(config.num_layers, 1, config.num_key_value_heads, config.kv_channels, n + 10,
+                          next(model.parameters()).dtype, ids.device) if static else new_dynamic_cache()
+    logits, start = [], 0
+    for end in ends:
+        logits.append(model(input_ids=ids[:, start:end], past_key_values=cache, use_cache=True).logits)
+        if static:
+            cache.length = end  # its filled length is the caller's to keep
+        start = end
+    layers = [(cache.keys[i], cache.values[i]) if static else cache_layer(cache, i) for i in range(config.num_layers)]
+    return [torch.cat(logits, 1)] + [t[:, :, :n] for pair in layers for t in pair]
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
 @torch.no_grad()
 def test_prompt_in_pieces_equals_one_forward(cache_kind, attn):
     """New tokens after a cache (a chunked prefill, the next turn of a chat) see the cache and, causally, each
     other: the same logits and cache as one forward over the whole prompt, with either cache kind."""
-    from chatglm.decoding_chatglm import StaticKVCache
-
     model64 = tiny_model(seed=3).double()
     model64.config._attn_implementation = attn
-    config = model64.config
     ids = random_prompts(seed=40, lengths=(20,))[0][None]
     full = model64(input_ids=ids, use_cache=True)
-    static = cache_kind == "static"
-    cache = StaticKVCache(config.num_layers, 1, config.num_key_value_heads, config.kv_channels, 32, torch.float64,
-                          "cpu") if static else new_dynamic_cache()
-    logits = []
-    for piece in (slice(0, 7), slice(7, 8), slice(8, 20)):
-        logits.append(model64(input_ids=ids[:, piece], past_key_values=cache, use_cache=True).logits)
-        if static:
-            cache.length = piece.stop
+    want = [full.logits] + [t for layer in range(model64.config.num_layers)
+                            for t in cache_layer(full.past_key_values, layer)]
     tolerance = dict(rtol=1e-5, atol=1e-5) if attn == "eager" else {}  # eager's scores are float32
-    torch.testing.assert_close(torch.cat(logits, 1), full.logits, **tolerance)
-    for layer in range(config.num_layers):
-        got = (cache.keys[layer], cache.values[layer]) if static else cache_layer(cache, layer)
-        for tensor, want in zip(got, cache_layer(full.past_key_values, layer)):
-            torch.testing.assert_close(tensor[:, :, :20], want, **tolerance)
+    for got, expected in zip(prompt_in_pieces(model64, ids, (7, 8, 20), cache_kind), want, strict=True):
+        torch.testing.assert_close(got, expected, **tolerance)
 
 
 @torch.no_grad()

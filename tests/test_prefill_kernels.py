@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_model
-from test_modeling import left_pad, random_prompts
+from test_modeling import left_pad, prompt_in_pieces, random_prompts
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton) -- the fused kernels need it")
 
@@ -185,8 +185,6 @@ def test_new_tokens_after_a_cache_take_the_blocks_without_a_mask(cache_kind, mon
     blocked path, without a dense [new, past + new] mask: same logits and cache as the torch path."""
     import chatglm.modeling_chatglm as modeling
     from chatglm import prefill_kernels_chatglm as kernels
-    from chatglm.compat_chatglm import cache_layer, new_dynamic_cache
-    from chatglm.decoding_chatglm import StaticKVCache
 
     if DEVICE == "cpu":
         monkeypatch.setattr(kernels, "_attention_with_lse", eager_attention_with_lse)
@@ -196,27 +194,14 @@ def test_new_tokens_after_a_cache_take_the_blocks_without_a_mask(cache_kind, mon
     monkeypatch.setattr(modeling, "sdpa",
                         lambda q, k, v, mask, *a, f=modeling.sdpa: masks.append(mask) or f(q, k, v, mask, *a))
     model = tiny_model(seed=8).to(DEVICE, torch.float16)
-    config = model.config
     ids = torch.randint(10, 500, (1, 30), generator=torch.Generator().manual_seed(6)).to(DEVICE)
 
-    def in_pieces():
-        static = cache_kind == "static"
-        cache = StaticKVCache(config.num_layers, 1, config.num_key_value_heads, config.kv_channels, 40,
-                              torch.float16, DEVICE) if static else new_dynamic_cache()
-        logits = []
-        for piece in (slice(0, 11), slice(11, 12), slice(12, 14), slice(14, 30)):
-            logits.append(model(input_ids=ids[:, piece], past_key_values=cache, use_cache=True).logits)
-            if static:
-                cache.length = piece.stop  # its filled length is the caller's to keep
-        layers = [(cache.keys[i], cache.values[i]) if static else cache_layer(cache, i)
-                  for i in range(config.num_layers)]
-        return [torch.cat(logits, 1)] + [t[:, :, :30] for pair in layers for t in pair]
-
-    fused = in_pieces()
+    ends = (11, 12, 14, 30)  # pieces of 11, 1, 2 and 16 tokens
+    fused = prompt_in_pieces(model, ids, ends, cache_kind)
     assert kernels._STATE["lse_attention"], "the blocked attention should have run"
     assert all(mask is None for mask in masks), "no dense mask should reach SDPA"
     monkeypatch.setenv("CHATGLM_FUSED_PREFILL", "0")
-    for got, want in zip(fused, in_pieces()):
+    for got, want in zip(fused, prompt_in_pieces(model, ids, ends, cache_kind), strict=True):
         assert _relative(got, want) < 1e-2
 
 
