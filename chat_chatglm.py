@@ -1,10 +1,13 @@
 """Chat API of ChatGLM2 / ChatGLM3 models: ``chat``, ``stream_chat``, ``stream_generate``, ``batch_chat``,
 ``process_response``, ``build_inputs``, ``build_stream_inputs`` (mixed into ``ChatGLMForConditionalGeneration``).
 
-Prompts and reply parsing come from ``chat_format.py`` through the tokenizer; every token is produced by
-transformers' own ``generate()`` (sampling, beams, stopping, logits processors). ``stream_generate`` runs
-``generate`` in a background thread with a streamer that hands each step over in lock-step, so the cache a caller
-sees between two steps is not being written to.
+Prompts and reply parsing come from ``chat_format.py`` through the tokenizer. Tokens come from the fast path
+(``decoding_chatglm``: preallocated cache, fused or compiled step, CUDA graphs) where ``fast_chat_wanted`` says it
+serves the request — by default on CUDA, greedy or plain sampling — and from transformers' own ``generate()``
+otherwise (beams, logits processors, stopping criteria, repetition penalty, prefix tuning, ...). On the generate()
+path ``stream_generate`` runs it in a background thread with a streamer that hands each step over in lock-step, so
+the cache a caller sees between two steps is not being written to; on the fast path the steps run in the caller's
+thread and the caller's cache is filled when the stream ends or is closed.
 
 Shapes: ``input_ids`` / ``attention_mask`` / ``position_ids`` are ``[batch, seq]`` (left padded); the streamed ids
 are ``[batch, prompt + new]``. Histories: ChatGLM3 a list of message dicts, ChatGLM2 a list of ``[query, response]``.
@@ -12,6 +15,7 @@ are ``[batch, prompt + new]``. Histories: ChatGLM3 a list of message dicts, Chat
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import re
 import threading
@@ -37,7 +41,8 @@ from .chat_format import (
     validate_chatglm2_history,
     validate_chatglm3_history,
 )
-from .compat_chatglm import CACHE_TYPES, cache_length, crop_cache, new_dynamic_cache
+from .compat_chatglm import CACHE_TYPES, cache_is_static, cache_length, crop_cache, new_dynamic_cache
+from .decoding_chatglm import FastPathBusy, fast_chat_wanted, fast_generate, fast_stream
 
 logger = logging.get_logger(__name__)
 
@@ -269,6 +274,15 @@ class ChatGLMChatMixin:
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
                 "position_ids": positions.to(self.device)}
 
+    def _generate_for_chat(self, request: Dict[str, Any]) -> Any:
+        """``generate(**request)``, on the fast path (decoding_chatglm) where ``fast_chat_wanted`` says so."""
+        if fast_chat_wanted(self, request):
+            try:
+                return fast_generate(self, **request)
+            except FastPathBusy:
+                logger.info("chat: the fast path is busy (another thread or an open stream); using generate()")
+        return self.generate(**request)
+
     # ------------------------------------------------------------------------------------------ chat
     @torch.no_grad()
     def chat(self, tokenizer: Any, query: str, history: Optional[Sequence[Any]] = None, role: str = "user",
@@ -289,7 +303,7 @@ class ChatGLMChatMixin:
         kwargs = self._chat_generate_kwargs(tokenizer, prompt.family, max_length, num_beams, do_sample, top_p,
                                             temperature, logits_processor, gen_kwargs)
         self._check_prompt_length(len(prompt.ids), kwargs)
-        output = self.generate(**self._left_padded([prompt.ids], tokenizer.pad_token_id), **kwargs)
+        output = self._generate_for_chat({**self._left_padded([prompt.ids], tokenizer.pad_token_id), **kwargs})
         sequences = getattr(output, "sequences", output)
         reply = _reply_ids(sequences[0].tolist(), len(prompt.ids), _as_list(kwargs["eos_token_id"]))
         return self._chat_response(tokenizer, prompt, reply)
@@ -322,7 +336,8 @@ class ChatGLMChatMixin:
         if kwargs["max_new_tokens"] < max(budgets):
             logger.warning(f"batch_chat: padded to {width} tokens, rows can generate at most "
                            f"{kwargs['max_new_tokens']} tokens within seq_length {self.config.seq_length}")
-        output = self.generate(**self._left_padded([p.ids for p in prompts], tokenizer.pad_token_id), **kwargs)
+        output = self._generate_for_chat({**self._left_padded([p.ids for p in prompts], tokenizer.pad_token_id),
+                                          **kwargs})
         sequences = getattr(output, "sequences", output).tolist()
         stop = _as_list(kwargs["eos_token_id"])
         return [self._chat_response(tokenizer, p, _reply_ids(row, width, stop, budget))
@@ -388,6 +403,34 @@ class ChatGLMChatMixin:
             logger.debug(f"stream_generate: ignoring keyword arguments generate() does not accept: {unknown}")
         return {k: v for k, v in kwargs.items() if k in known}
 
+    def _fast_stream(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor],
+                     position_ids: Optional[torch.LongTensor], past_key_values: Any, eos_token_id: Any,
+                     generation_config: Optional[GenerationConfig], logits_processor: Any, kwargs: Dict[str, Any],
+                     want_cache: bool) -> Optional[Tuple[Iterator[torch.Tensor], Any]]:
+        """``stream_generate``'s request on the fast path → (new tokens [batch] per step, the cache it fills), or
+        None where that path does not serve it: a generation config, logits processors or stopping criteria, a
+        cache that is not a growing one holding the start of ``input_ids``, or ``fast_chat_wanted`` says no."""
+        if generation_config is not None or logits_processor is not None or "stopping_criteria" in kwargs:
+            return None
+        cache = past_key_values
+        if cache is not None and (not isinstance(cache, CACHE_TYPES) or cache_is_static(cache)
+                                  or cache_length(cache) >= input_ids.shape[1]
+                                  or (attention_mask is not None and attention_mask.shape[1] != input_ids.shape[1])):
+            return None
+        optional = {"attention_mask": attention_mask, "position_ids": position_ids, "eos_token_id": eos_token_id}
+        request = {"input_ids": input_ids, **{k: v for k, v in optional.items() if v is not None}, **kwargs}
+        if not fast_chat_wanted(self, request):
+            return None
+        if cache is None and want_cache:
+            cache = new_dynamic_cache()
+        tokens = fast_stream(self, past_key_values=cache, **request)
+        try:  # the first step takes the decoder (or finds it busy) and prefills
+            first = next(tokens)
+        except FastPathBusy:
+            logger.info("stream_generate: the fast path is busy (another thread or an open stream); using generate()")
+            return None
+        return itertools.chain([first], tokens), cache
+
     def _generate_in_thread(self, streamer: _StepStreamer, kwargs: Dict[str, Any]) -> None:
         try:
             self.generate(**kwargs)
@@ -409,6 +452,15 @@ class ChatGLMChatMixin:
         the tokens before ``input_ids`` when ``attention_mask`` covers cached + new positions.
         """
         kwargs = self._generate_kwargs_only(kwargs)
+        fast = self._fast_stream(input_ids, attention_mask, position_ids, past_key_values, eos_token_id,
+                                 generation_config, logits_processor, kwargs, return_past_key_values)
+        if fast is not None:
+            tokens, cache = fast
+            ids = input_ids
+            for new in tokens:
+                ids = torch.cat([ids, new.to(ids.device)[:, None]], dim=1)
+                yield (ids, cache) if return_past_key_values else ids
+            return
         streamer = _StepStreamer()
         criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
         criteria.append(_StopWhenSet(streamer.stopped))

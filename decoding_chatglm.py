@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import gc
 import os
-from typing import Any, Callable, Optional, Sequence, Union
+import threading
+import weakref
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
+from transformers.utils import logging
 
-from .compat_chatglm import kernel_device
-from .decode_kernels_chatglm import FusedDecodeStep
+from .compat_chatglm import cache_layer, cache_length, fill_cache, kernel_device
+from .decode_kernels_chatglm import FusedDecodeStep, unsupported_reason
+
+logger = logging.get_logger(__name__)
 
 # generate() arguments the fast path understands; anything else goes to transformers' generate().
 FAST_PATH_KWARGS = frozenset({
@@ -23,6 +28,7 @@ FAST_PATH_KWARGS = frozenset({
     "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id", "cache_implementation", "use_cache",
     "num_beams", "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits",
 })
+FAST_CHAT_ENV = "CHATGLM_FAST_CHAT"  # 0: chat / stream_chat never take the fast path; 1: always where it can
 EOS_CHECK_EVERY = 16
 MAX_BANNED = 8  # end-of-sequence ids a greedy step can exclude inside its graph (min_new_tokens)
 
@@ -212,96 +218,272 @@ class CompiledDecoder:
         return graph, output
 
 
+class FastPathBusy(RuntimeError):
+    """The model's decoder is in use: by another thread, or by a stream that has not finished."""
+
+
+class DecodeRun:
+    """One fast-path generation: the request's settings (unset ones from `model.generation_config`), a lease on
+    the model's decoder, the prompt prefilled into its cache, then `steps`. `close` gives the lease back.
+
+    `past_key_values`: a growing cache that holds the keys/values of the first k < n tokens of input_ids [b, n];
+    they are copied into the decoder's cache and only the rest of the prompt is computed.
+    """
+
+    def __init__(self, model: torch.nn.Module, input_ids: torch.LongTensor,
+                 attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.LongTensor] = None,
+                 max_new_tokens: Optional[int] = None, max_length: Optional[int] = None, min_new_tokens: int = 0,
+                 do_sample: Optional[bool] = None, temperature: Optional[float] = None, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, eos_token_id: Optional[Union[int, Sequence[int]]] = None,
+                 pad_token_id: Optional[int] = None, compile: Optional[bool] = None, past_key_values: Any = None,
+                 **ignored: Any):
+        config = model.generation_config
+        self.do_sample = config.do_sample if do_sample is None else do_sample
+        self.temperature = (config.temperature or 1.0) if temperature is None else temperature
+        self.top_k = (config.top_k or 0) if top_k is None else top_k
+        self.top_p = (config.top_p or 1.0) if top_p is None else top_p
+        eos = config.eos_token_id if eos_token_id is None else eos_token_id
+        self.eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        self.pad = (config.pad_token_id if config.pad_token_id is not None else 0) if pad_token_id is None \
+            else pad_token_id
+        self.min_new_tokens = min_new_tokens or 0
+        self.input_ids = input_ids
+        batch, self.prompt_len = input_ids.shape
+        self.max_new_tokens = new_token_budget(model, self.prompt_len, max_new_tokens, max_length)
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("Right padding detected: every row must end with a real token. Use padding_side='left'.")
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        self.attention_mask, self.position_ids = attention_mask, position_ids
+        self.held = cache_length(past_key_values)
+        if not 0 <= self.held < self.prompt_len:
+            raise ValueError(f"past_key_values holds {self.held} positions; it must hold fewer than the "
+                             f"{self.prompt_len} tokens of input_ids (their start)")
+        compile = device.type == "cuda" if compile is None else compile
+        self.eos_tensor = torch.tensor(self.eos, device=device, dtype=torch.long) if self.eos else None
+        # greedy decoding stays on the device: the argmax (eos ids excluded before min_new_tokens) is in the step
+        self.greedy_in_graph = not self.do_sample and (self.eos_tensor is None or len(self.eos) <= MAX_BANNED)
+        self.out = torch.full((batch, self.max_new_tokens), self.pad, dtype=torch.long, device=device)
+        self.produced = 0
+        self.lock = _model_lock(model)
+        if not self.lock.acquire(blocking=False):
+            raise FastPathBusy("this model's fast path is in use by another generation (another thread, or a stream "
+                               "not yet finished or closed)")
+        try:
+            capacity = min(_bucket(self.prompt_len + self.max_new_tokens), model.config.seq_length)
+            self.decoder = _decoder_for(model, batch, capacity, compile)
+            self.logits = self._prefill(model, past_key_values)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prefill(self, model: torch.nn.Module, past: Any) -> torch.Tensor:
+        """The prompt (after what `past` holds) into the decoder's cache → last-position logits [b, vocab] fp32."""
+        cache = self.decoder.cache
+        if self.held:
+            for layer_idx in range(len(cache.keys)):
+                key, value = cache_layer(past, layer_idx)
+                cache.keys[layer_idx][:, :, :self.held].copy_(key)
+                cache.values[layer_idx][:, :, :self.held].copy_(value)
+        cache.length = self.held
+        out = model(input_ids=self.input_ids[:, self.held:], attention_mask=self.attention_mask,
+                    position_ids=self.position_ids[:, self.held:], past_key_values=cache, use_cache=True,
+                    return_last_logit=True)
+        return out.logits[:, -1].float()
+
+    def _pick(self, step: int) -> torch.Tensor:
+        """The token of `step` from the last logits (eos ids excluded before min_new_tokens) → [b, 1]."""
+        if self.eos_tensor is not None and step < self.min_new_tokens:
+            self.logits[:, self.eos_tensor] = float("-inf")
+        return sample_next(self.logits, self.do_sample, self.temperature, self.top_k, self.top_p)[:, None]
+
+    def steps(self, stream: bool) -> Iterator[torch.Tensor]:
+        """Decode. Each step launches the next one before the host looks at its token, so the GPU keeps working.
+
+        stream: yield every step's new tokens [b] on the CPU (pad for rows that ended before), until every row has
+        produced an end-of-sequence id or the budget is spent. Otherwise yield nothing and check for the end every
+        EOS_CHECK_EVERY steps (one host synchronisation each; none before min_new_tokens)."""
+        decoder, last = self.decoder, self.max_new_tokens - 1
+        ended = torch.zeros(self.out.shape[0], dtype=torch.bool)
+        host = HostCopy(self.out.device) if stream else None
+        self.produced = 0 if stream else self.max_new_tokens
+        for step in range(self.max_new_tokens):
+            if step == 0 or not self.greedy_in_graph:
+                token = self._pick(step)
+                if step == 0:
+                    if self.greedy_in_graph and self.eos_tensor is not None and self.min_new_tokens > 1:
+                        decoder.ban(self.eos)
+                    decoder.start(token, self.position_ids[:, -1:] + 1, self.prompt_len, self.attention_mask.bool())
+                else:
+                    decoder.token.copy_(token)
+            self.out[:, step:step + 1] = token
+            if host is not None:
+                host.start(token)
+            if step < last:
+                if self.greedy_in_graph:
+                    banned = self.eos_tensor is not None and step + 1 < self.min_new_tokens
+                    token = decoder.run("greedy_banned" if banned else "greedy")
+                else:
+                    self.logits = decoder.run("logits")
+            if host is not None:
+                tokens = host.result().masked_fill(ended, self.pad)
+                self.produced = step + 1
+                yield tokens
+                if self.eos:
+                    ended |= torch.isin(tokens, torch.tensor(self.eos))
+                    if bool(ended.all()):
+                        return
+            elif self.eos_tensor is not None and step >= self.min_new_tokens - 1 and \
+                    step % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 and step < last and \
+                    bool(torch.isin(self.out[:, :step + 1], self.eos_tensor).any(-1).all()):
+                self.produced = step + 1
+                return
+
+    def sequences(self) -> torch.LongTensor:
+        """input_ids followed by the new tokens [b, n + new], as generate() returns them: pad after each row's end,
+        cut where the last row ended."""
+        out = self.out[:, :self.produced]
+        if self.eos_tensor is not None:
+            hit = torch.isin(out, self.eos_tensor)
+            out = out.masked_fill(hit.long().cumsum(-1) - hit.long() > 0, self.pad)
+            if bool(hit.any(-1).all()):
+                out = out[:, :int(hit.float().argmax(-1).max()) + 1]
+        return torch.cat([self.input_ids, out], dim=1)
+
+    def export(self, cache: Any) -> None:
+        """Make `cache` hold what generate() would leave in it: the keys/values of every token but the last one
+        produced (the prompt included)."""
+        if not self.produced:  # ended before its first token: the cache keeps what it held
+            return
+        length = self.prompt_len + self.produced - 1
+        keys = [k[:, :, :length] for k in self.decoder.cache.keys]
+        values = [v[:, :, :length] for v in self.decoder.cache.values]
+        if not fill_cache(cache, keys, values):
+            logger.info("fast path: this cache cannot be refilled; it keeps the tokens it held before")
+
+    def close(self) -> None:
+        """Give the decoder back (its cache is scratch space of each run)."""
+        decoder = getattr(self, "decoder", None)
+        if decoder is not None:
+            decoder.cache.length = 0
+        if self.lock.locked():
+            self.lock.release()
+
+
+class HostCopy:
+    """A device → CPU copy of a step's tokens that the host waits for without waiting for the steps after it."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.buffer: Optional[torch.Tensor] = None
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.device = device
+
+    def start(self, token: torch.Tensor) -> None:
+        if self.buffer is None:
+            self.buffer = torch.empty(token.numel(), dtype=token.dtype, pin_memory=self.cuda)
+        self.buffer.copy_(token.view(-1), non_blocking=self.cuda)
+        if self.event is not None:
+            self.event.record(torch.cuda.current_stream(self.device))
+
+    def result(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.buffer.clone()
+
+
 @torch.no_grad()
-def fast_generate(
-    model: torch.nn.Module,
-    input_ids: torch.LongTensor,
-    attention_mask: Optional[torch.Tensor] = None,
-    position_ids: Optional[torch.LongTensor] = None,
-    max_new_tokens: Optional[int] = None,
-    max_length: Optional[int] = None,
-    min_new_tokens: int = 0,
-    do_sample: Optional[bool] = None,
-    temperature: Optional[float] = None,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    eos_token_id: Optional[Union[int, Sequence[int]]] = None,
-    pad_token_id: Optional[int] = None,
-    compile: Optional[bool] = None,
-    **ignored: Any,
-) -> torch.LongTensor:
+def fast_generate(model: torch.nn.Module, input_ids: torch.LongTensor, **kwargs: Any) -> torch.LongTensor:
     """Greedy or sampled decoding of a (left-padded) batch [b, n] → sequences [b, n + new], like generate().
 
-    Unset arguments come from `model.generation_config`. After a row's end-of-sequence token it receives
-    `pad_token_id`. `compile` defaults to True on CUDA (False runs the same static-cache step eagerly).
+    Keyword arguments: attention_mask, position_ids, max_new_tokens / max_length, min_new_tokens, do_sample,
+    temperature, top_k, top_p, eos_token_id, pad_token_id (unset ones come from `model.generation_config`; after a
+    row's end-of-sequence token it receives pad_token_id), and `compile`, True by default on CUDA (False runs the
+    same static-cache step eagerly). Others are ignored. FastPathBusy while another run holds the decoder.
     """
-    config = model.generation_config
-    do_sample = config.do_sample if do_sample is None else do_sample
-    temperature = (config.temperature or 1.0) if temperature is None else temperature
-    top_k = (config.top_k or 0) if top_k is None else top_k
-    top_p = (config.top_p or 1.0) if top_p is None else top_p
-    eos = config.eos_token_id if eos_token_id is None else eos_token_id
-    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    pad = (config.pad_token_id if config.pad_token_id is not None else 0) if pad_token_id is None else pad_token_id
-    batch, prompt_len = input_ids.shape
+    run = DecodeRun(model, input_ids, **kwargs)
+    try:
+        for _ in run.steps(stream=False):
+            pass
+    finally:
+        run.close()
+    return run.sequences()
+
+
+@torch.no_grad()
+def fast_stream(model: torch.nn.Module, input_ids: torch.LongTensor, past_key_values: Any = None,
+                **kwargs: Any) -> Iterator[torch.LongTensor]:
+    """`fast_generate` one step at a time: yields each step's new tokens [b] (CPU; pad for rows already ended).
+
+    With `past_key_values` (a growing cache holding the start of input_ids, possibly nothing), only the rest of
+    the prompt is computed, and once the stream ends or is closed the cache holds the keys/values of every token
+    but the last one yielded, as generate() leaves it."""
+    run = DecodeRun(model, input_ids, past_key_values=past_key_values, **kwargs)
+    try:
+        yield from run.steps(stream=True)
+    finally:
+        try:
+            if past_key_values is not None:
+                run.export(past_key_values)
+        finally:
+            run.close()
+
+
+def fast_chat_wanted(model: torch.nn.Module, request: dict) -> bool:
+    """Whether chat / batch_chat / stream_chat run `request` (generate()'s keyword arguments, inputs included) here.
+
+    CHATGLM_FAST_CHAT=0: never; =1: wherever `fast_path_supports` says it can (CPU included: the eager step).
+    Default: on CUDA where the fused Triton step serves the batch (nothing to compile but its kernels, cached on
+    disk) and a cache for prompt + budget fits in the free GPU memory."""
+    setting = os.environ.get(FAST_CHAT_ENV, "").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    request = {**request, "cache_implementation": "static"}
+    if not fast_path_supports(model, request):
+        return False
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    batch, prompt_len = request["input_ids"].shape
+    if model.device.type != "cuda" or unsupported_reason(model, batch) is not None:
+        return False
+    new = new_token_budget(model, prompt_len, request.get("max_new_tokens"), request.get("max_length"))
+    capacity = min(_bucket(prompt_len + new), model.config.seq_length)
+    decoder = getattr(model, "_chatglm_decoder", None)
+    if decoder is not None and decoder.batch == batch and decoder.capacity >= capacity:
+        return True
+    config = model.config
+    need = (2 * config.num_layers * batch * config.num_key_value_heads * config.kv_channels * capacity
+            * next(model.parameters()).element_size())
+    free = torch.cuda.mem_get_info(model.device)[0] + torch.cuda.memory_reserved(model.device) \
+        - torch.cuda.memory_allocated(model.device)
+    return need + 2**29 <= free
+
+
+def new_token_budget(model: torch.nn.Module, prompt_len: int, max_new_tokens: Optional[int],
+                     max_length: Optional[int]) -> int:
+    """How many tokens a request may add to a prompt (max_new_tokens, else max_length − prompt); ValueError when
+    none or when the total passes the model's seq_length."""
     if max_new_tokens is None:
-        max_new_tokens = (max_length or config.max_length or 20) - prompt_len
+        max_new_tokens = (max_length or model.generation_config.max_length or 20) - prompt_len
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1 (got {max_new_tokens}; prompt has {prompt_len} tokens)")
-    capacity = prompt_len + max_new_tokens
-    if capacity > model.config.seq_length:
-        raise ValueError(f"Prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {capacity} tokens exceeds "
-                         f"this model's seq_length {model.config.seq_length}")
-    device = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if not bool(attention_mask[:, -1].all()):
-        raise ValueError("Right padding detected: every row must end with a real token. Use padding_side='left'.")
-    if position_ids is None:
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    compile = device.type == "cuda" if compile is None else compile
+    if prompt_len + max_new_tokens > model.config.seq_length:
+        raise ValueError(f"Prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} "
+                         f"tokens exceeds this model's seq_length {model.config.seq_length}")
+    return max_new_tokens
 
-    decoder = _decoder_for(model, batch, min(_bucket(capacity), model.config.seq_length), compile)
-    decoder.cache.length = 0
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   past_key_values=decoder.cache, use_cache=True, return_last_logit=True).logits[:, -1].float()
-    eos_tensor = torch.tensor(eos, device=device, dtype=torch.long) if eos else None
-    out = torch.full((batch, max_new_tokens), pad, dtype=torch.long, device=device)
-    # greedy decoding stays on the device: the argmax (eos ids excluded before min_new_tokens) is part of the step
-    greedy_in_graph = not do_sample and (eos_tensor is None or len(eos) <= MAX_BANNED)
-    if greedy_in_graph and eos_tensor is not None and min_new_tokens > 1:
-        decoder.ban(eos)
-    produced = max_new_tokens
-    for step in range(max_new_tokens):
-        if step == 0 or not greedy_in_graph:
-            if eos_tensor is not None and step < min_new_tokens:
-                logits[:, eos_tensor] = float("-inf")
-            token = sample_next(logits, do_sample, temperature, top_k, top_p)[:, None]
-            if step == 0:
-                decoder.start(token, position_ids[:, -1:] + 1, prompt_len, attention_mask.bool())
-            else:
-                decoder.token.copy_(token)
-        out[:, step:step + 1] = token
-        # (no end-of-sequence can have come out before min_new_tokens: no check, no host sync, until then)
-        if eos_tensor is not None and step >= min_new_tokens - 1 and step % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 \
-                and bool(torch.isin(out[:, :step + 1], eos_tensor).any(-1).all()):
-            produced = step + 1
-            break
-        if step == max_new_tokens - 1:
-            break
-        if greedy_in_graph:
-            token = decoder.run("greedy_banned" if eos_tensor is not None and step + 1 < min_new_tokens
-                                else "greedy")
-        else:
-            logits = decoder.run("logits")
-    decoder.cache.length = 0  # the cache is scratch space of this call
-    out = out[:, :produced]
-    if eos_tensor is not None:  # pad after each row's end, and end where the last row ended, as generate() does
-        hit = torch.isin(out, eos_tensor)
-        out = out.masked_fill(hit.long().cumsum(-1) - hit.long() > 0, pad)
-        if bool(hit.any(-1).all()):
-            out = out[:, :int(hit.float().argmax(-1).max()) + 1]
-    return torch.cat([input_ids, out], dim=1)
+
+_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _model_lock(model: torch.nn.Module) -> threading.Lock:
+    """The lock a run holds on `model`'s decoder (kept outside the module, so copies and pickles of the model work)."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(model, threading.Lock())
 
 
 def _bucket(capacity: int) -> int:

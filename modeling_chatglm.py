@@ -41,7 +41,7 @@ from .compat_chatglm import (
 )
 from .configuration_chatglm import ChatGLMConfig
 from .decode_kernels_chatglm import FUSED_ENV as _FUSED_ENV  # noqa: F401  (imported by decoding_chatglm)
-from .decoding_chatglm import fast_generate, fast_path_supports
+from .decoding_chatglm import FastPathBusy, fast_generate, fast_path_supports
 # transformers 4.30 copies only the relative imports of this file into its module cache, so every module the
 # package uses is named here
 from .int4_kernels_chatglm import GLUON_ENV as _GLUON_ENV  # noqa: F401  (imported by decode_kernels_chatglm)
@@ -782,7 +782,10 @@ class ChatGLMGenerationMixin(GenerationMixin):
         if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
             kwargs["input_ids"], args = args[0], args[1:]
         if not args and self.device.type == "cuda" and fast_path_supports(self, kwargs):
-            return fast_generate(self, **kwargs)
+            try:
+                return fast_generate(self, **kwargs)
+            except FastPathBusy:  # another thread or an open stream holds our decoder: transformers' own path
+                logger.info("fast path busy; this generate() runs on transformers' static cache")
         return super().generate(*args, **kwargs)
 
     def fast_generate(self, input_ids: torch.LongTensor, **kwargs: Any) -> torch.LongTensor:

@@ -1,0 +1,181 @@
+"""chat / batch_chat / stream_chat / stream_generate on the fast path (decoding_chatglm) give what they give on
+transformers' generate(): the same replies, the same streamed steps, and a cache to pass back that holds the same
+keys/values.
+
+CHATGLM_FAST_CHAT=1 sends them to the fast path on CPU too (its eager static-cache step), =0 to generate(); the
+float64 tiny model of test_chat makes greedy ties impossible, so the two must agree exactly. The default (fast on
+CUDA only) is checked on a GPU where there is one.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import pytest
+import torch
+from transformers import LogitsProcessorList
+
+from conftest import tiny_model
+from test_chat import _prompt, forward_lengths, history_for, model_for, unused_eos
+from test_chat import family, tiny_toks  # noqa: F401  (fixtures)
+from test_tokenizer import tiny_model_file  # noqa: F401  (fixture)
+from chatglm import chat_format as cf
+from chatglm.chat_chatglm import CACHE_IDS_ATTR
+from chatglm.compat_chatglm import cache_layer, cache_length
+from chatglm.decoding_chatglm import FAST_CHAT_ENV, DecodeRun, FastPathBusy, fast_chat_wanted
+
+GREEDY = dict(do_sample=False, max_new_tokens=7)
+
+
+@pytest.fixture
+def runs(monkeypatch) -> List[DecodeRun]:
+    """Every fast-path run started during the test."""
+    started: List[DecodeRun] = []
+    original = DecodeRun.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(DecodeRun, "__init__", init)
+    return started
+
+
+def test_chat_and_batch_chat_match_generate(tiny_toks, family, monkeypatch, runs):  # noqa: F811
+    tok = tiny_toks[family]
+    model = model_for(tok)
+    queries = ["Hi", "What is the capital of France, and why is it famous?", "你好，请介绍一下你自己"]
+    histories = [None, history_for(family), None]
+    results = {}
+    for fast in (False, True):
+        monkeypatch.setenv(FAST_CHAT_ENV, "1" if fast else "0")
+        before = len(runs)
+        results[fast] = (model.chat(tok, "What is the weather like?", history_for(family), **GREEDY),
+                         model.batch_chat(tok, queries, histories, do_sample=False, max_length=120))
+        assert len(runs) == before + 2 * fast
+    assert results[True] == results[False]
+    # what the fast path lacks goes to generate()
+    before = len(runs)
+    model.chat(tok, "Hi", repetition_penalty=1.2, **GREEDY)
+    assert len(runs) == before
+
+
+def _same_cache(a, b, layers: int) -> None:
+    assert cache_length(a) == cache_length(b) and getattr(a, CACHE_IDS_ATTR) == getattr(b, CACHE_IDS_ATTR)
+    for layer_idx in range(layers):
+        for x, y in zip(cache_layer(a, layer_idx), cache_layer(b, layer_idx)):
+            torch.testing.assert_close(x, y)
+
+
+def test_stream_chat_matches_generate_and_reuses_the_cache(tiny_toks, family, monkeypatch, runs):  # noqa: F811
+    tok = tiny_toks[family]
+    model = model_for(tok)
+    kwargs = dict(do_sample=False, max_new_tokens=8)
+    seen = {}
+    for fast in (False, True):
+        monkeypatch.setenv(FAST_CHAT_ENV, "1" if fast else "0")
+        before = len(runs)
+        first = list(model.stream_chat(tok, "Hello", return_past_key_values=True, **kwargs))
+        lengths, handle = forward_lengths(model)
+        try:
+            second = list(model.stream_chat(tok, "Tell me more", first[-1][1], past_key_values=first[-1][2],
+                                            return_past_key_values=True, **kwargs))
+        finally:
+            handle.remove()
+        assert len(runs) == before + 2 * fast
+        seen[fast] = [item[:2] for item in first], [item[:2] for item in second], lengths[0], second[-1][2]
+    assert seen[True][:3] == seen[False][:3], "same replies, and the second turn prefills the same new tokens"
+    _same_cache(seen[True][3], seen[False][3], model.config.num_layers)
+
+    # a stream closed early leaves a cache that holds every token but the last one it showed, and is reusable
+    history, cache = seen[True][1][-1][1], seen[True][3]
+    stream = model.stream_chat(tok, "Goodbye", history, past_key_values=cache, return_past_key_values=True, **kwargs)
+    _, _, partial = next(stream)
+    stream.close()
+    assert cache_length(partial) == len(getattr(partial, CACHE_IDS_ATTR)) - 1
+    *_, last = model.stream_chat(tok, "Goodbye", history, past_key_values=partial, return_past_key_values=True,
+                                 **kwargs)
+    monkeypatch.setenv(FAST_CHAT_ENV, "0")
+    assert last[:2] == model.chat(tok, "Goodbye", history, **kwargs)
+
+
+def test_stream_generate_on_the_fast_path(tiny_toks, monkeypatch, runs):  # noqa: F811
+    tok = tiny_toks[cf.CHATGLM3]
+    model = model_for(tok)
+    inputs = _prompt(tok)
+    never = unused_eos(model, inputs, 6)
+    request = dict(max_new_tokens=6, do_sample=False)
+    expected = model.generate(**inputs, eos_token_id=never, pad_token_id=0, **request)
+    monkeypatch.setenv(FAST_CHAT_ENV, "1")
+    steps = list(model.stream_generate(**inputs, eos_token_id=never, **request))
+    assert len(runs) == 1 and len(steps) == 6 and torch.equal(steps[-1], expected)
+    # stops at (and includes) an end-of-sequence id
+    eos = int(expected[0, -3])
+    stopped = list(model.stream_generate(**inputs, eos_token_id=[never, eos], **request))
+    assert torch.equal(stopped[-1], expected[:, :-2])
+    # a batch whose rows end at different steps: pad after a row's end, as generate() gives
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = (torch.arange(5) >= torch.tensor([[2], [0]])).long()
+    free = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=never, pad_token_id=0, **request)
+    eos = int(free[0, 7])
+    reference = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=eos, pad_token_id=0, **request)
+    *_, (batch, cache) = model.stream_generate(input_ids=ids, attention_mask=mask, eos_token_id=eos, pad_token_id=0,
+                                               return_past_key_values=True, **request)
+    assert torch.equal(batch, reference) and cache_length(cache) == batch.shape[1] - 1
+
+
+def test_a_busy_fast_path_sends_other_requests_to_generate(tiny_toks, monkeypatch, runs):  # noqa: F811
+    tok = tiny_toks[cf.CHATGLM3]
+    model = model_for(tok)
+    inputs = _prompt(tok)
+    never = unused_eos(model, inputs, 6)
+    request = dict(max_new_tokens=6, do_sample=False, eos_token_id=never)
+    monkeypatch.setenv(FAST_CHAT_ENV, "1")
+    stream = model.stream_generate(**inputs, **request)
+    next(stream)
+    with pytest.raises(FastPathBusy):
+        model.fast_generate(inputs["input_ids"], **request)
+    reply = model.chat(tok, "Hi", **GREEDY)  # on generate() while the stream holds the decoder
+    assert len(runs) == 1
+    rest = list(stream)
+    assert torch.equal(rest[-1], model.generate(**inputs, pad_token_id=0, **request))
+    monkeypatch.setenv(FAST_CHAT_ENV, "0")
+    assert reply == model.chat(tok, "Hi", **GREEDY)
+    model.fast_generate(inputs["input_ids"], **request)  # free again once the stream ended
+    assert len(runs) == 2
+
+
+def test_fast_chat_policy(monkeypatch):
+    model = tiny_model(seed=3).double()
+    request = dict(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=3, do_sample=False)
+    monkeypatch.delenv(FAST_CHAT_ENV, raising=False)
+    assert not fast_chat_wanted(model, request), "by default only on CUDA"
+    monkeypatch.setenv(FAST_CHAT_ENV, "1")
+    assert fast_chat_wanted(model, request) and fast_chat_wanted(model, {**request, "do_sample": True, "top_p": 0.8})
+    for unsupported in (dict(repetition_penalty=1.1), dict(num_beams=2), dict(logits_processor=LogitsProcessorList()),
+                        dict(output_scores=True, return_dict_in_generate=True)):
+        assert not fast_chat_wanted(model, {**request, **unsupported}), unsupported
+    assert not fast_chat_wanted(tiny_model(seed=3, pre_seq_len=4), request), "prefix tuning"
+    monkeypatch.setenv(FAST_CHAT_ENV, "0")
+    assert not fast_chat_wanted(model, request)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the default policy)")
+def test_cuda_chat_takes_the_fused_fast_path_by_default(tiny_toks, monkeypatch, runs):  # noqa: F811
+    pytest.importorskip("triton")
+    monkeypatch.delenv(FAST_CHAT_ENV, raising=False)
+    tok = tiny_toks[cf.CHATGLM3]
+    model = tiny_model(seed=7, padded_vocab_size=512, seq_length=1024).half().cuda()
+    kwargs = dict(do_sample=False, max_new_tokens=12)
+    reply = model.chat(tok, "Hello", **kwargs)
+    assert len(runs) == 1 and model._chatglm_decoder.fused is not None
+    *_, (response, history, cache) = model.stream_chat(tok, "Hello", return_past_key_values=True, **kwargs)
+    assert (response, history) == reply and len(runs) == 2
+    # the cache holds what a plain forward over the same ids computes (fp16: to rounding)
+    ids = torch.tensor([getattr(cache, CACHE_IDS_ATTR)[:-1]], device="cuda")
+    plain = model(input_ids=ids, use_cache=True).past_key_values
+    for layer_idx in range(model.config.num_layers):
+        for x, y in zip(cache_layer(cache, layer_idx), cache_layer(plain, layer_idx)):
+            torch.testing.assert_close(x, y, rtol=2e-2, atol=2e-2)
+    *_, (response2, _, _) = model.stream_chat(tok, "More", history, past_key_values=cache,
+                                              return_past_key_values=True, **kwargs)
+    assert len(runs) == 3 and isinstance(response2, (str, dict))
