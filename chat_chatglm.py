@@ -21,7 +21,7 @@ import re
 import threading
 from dataclasses import dataclass
 from queue import Queue
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Generator, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from transformers import BatchEncoding, GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -377,16 +377,20 @@ class ChatGLMChatMixin:
         stop = _as_list(gen["eos_token_id"])
         last: Optional[List[int]] = None
         shown: Optional[List[int]] = None
-        for ids in self.stream_generate(**self._left_padded([prompt.ids], tokenizer.pad_token_id),
-                                        past_key_values=cache, **gen):
-            row = ids[0].tolist()
-            setattr(cache, CACHE_IDS_ATTR, row)
-            last = _reply_ids(row, len(prompt.ids), stop)
-            text = tokenizer.decode(last)
-            if text and not text.endswith(_REPLACEMENT_CHAR) and last != shown:
-                shown = last
-                result = self._chat_response(tokenizer, prompt, last)
-                yield (*result, cache) if return_past_key_values else result
+        stream = self.stream_generate(**self._left_padded([prompt.ids], tokenizer.pad_token_id),
+                                      past_key_values=cache, **gen)
+        try:
+            for ids in stream:
+                row = ids[0].tolist()
+                setattr(cache, CACHE_IDS_ATTR, row)
+                last = _reply_ids(row, len(prompt.ids), stop)
+                text = tokenizer.decode(last)
+                if text and not text.endswith(_REPLACEMENT_CHAR) and last != shown:
+                    shown = last
+                    result = self._chat_response(tokenizer, prompt, last)
+                    yield (*result, cache) if return_past_key_values else result
+        finally:  # a consumer that stops early ends the generation now, leaving the cache as the ids say
+            stream.close()
         if last is None or last != shown:
             result = self._chat_response(tokenizer, prompt, last or [])
             yield (*result, cache) if return_past_key_values else result
@@ -406,8 +410,9 @@ class ChatGLMChatMixin:
     def _fast_stream(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor],
                      position_ids: Optional[torch.LongTensor], past_key_values: Any, eos_token_id: Any,
                      generation_config: Optional[GenerationConfig], logits_processor: Any, kwargs: Dict[str, Any],
-                     want_cache: bool) -> Optional[Tuple[Iterator[torch.Tensor], Any]]:
-        """``stream_generate``'s request on the fast path → (new tokens [batch] per step, the cache it fills), or
+                     want_cache: bool) -> Optional[Tuple[torch.Tensor, Generator[torch.Tensor, None, None], Any]]:
+        """``stream_generate``'s request on the fast path → (the first step's new tokens [batch], the generator of
+        the next ones, the cache it fills), or
         None where that path does not serve it: a generation config, logits processors or stopping criteria, a
         cache that is not a growing one holding the start of ``input_ids``, or ``fast_chat_wanted`` says no."""
         if generation_config is not None or logits_processor is not None or "stopping_criteria" in kwargs:
@@ -429,7 +434,7 @@ class ChatGLMChatMixin:
         except FastPathBusy:
             logger.info("stream_generate: the fast path is busy (another thread or an open stream); using generate()")
             return None
-        return itertools.chain([first], tokens), cache
+        return first, tokens, cache
 
     def _generate_in_thread(self, streamer: _StepStreamer, kwargs: Dict[str, Any]) -> None:
         try:
@@ -455,11 +460,14 @@ class ChatGLMChatMixin:
         fast = self._fast_stream(input_ids, attention_mask, position_ids, past_key_values, eos_token_id,
                                  generation_config, logits_processor, kwargs, return_past_key_values)
         if fast is not None:
-            tokens, cache = fast
+            first, steps, cache = fast
             ids = input_ids
-            for new in tokens:
-                ids = torch.cat([ids, new.to(ids.device)[:, None]], dim=1)
-                yield (ids, cache) if return_past_key_values else ids
+            try:
+                for new in itertools.chain([first], steps):
+                    ids = torch.cat([ids, new.to(ids.device)[:, None]], dim=1)
+                    yield (ids, cache) if return_past_key_values else ids
+            finally:  # at once, not whenever the garbage collector finds it: it fills the cache, frees the decoder
+                steps.close()
             return
         streamer = _StepStreamer()
         criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])

@@ -303,12 +303,14 @@ def _define_main_kernels() -> None:
     @triton.jit
     def _decode_attention_kernel(
             q_ptr, k_ptr, v_ptr, valid_ptr, slot_ptr, part_ptr, stat_ptr,
-            GROUPS, CHUNK, SPLITS, scale, stride_qb, stride_cb, stride_cg, stride_cs, stride_vb,
+            GROUPS, SPLITS, scale, stride_qb, stride_cb, stride_cg, stride_cs, stride_vb,
             GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
             PDL: tl.constexpr):
         # Program (b * GROUPS + g, split): the GROUP query heads of key/value group g of row b against cache slots
-        # [split * CHUNK, (split + 1) * CHUNK) up to the current one. Partial results (max, sum, weighted values)
-        # go to scratch for _attention_merge_kernel (a split past the current slot leaves max -1e30, sum 0).
+        # [split * chunk, (split + 1) * chunk) up to the current one, the chunk being the filled slots spread over
+        # the SPLITS programs in whole BLOCK_S blocks: a short context in a large cache still gets many programs.
+        # Partial results (max, sum, weighted values) go to scratch for _attention_merge_kernel (a split past the
+        # current slot leaves max -1e30, sum 0).
         if PDL:
             _wait_for_predecessor()
             _allow_successor()
@@ -325,8 +327,9 @@ def _define_main_kernels() -> None:
         m_i = tl.full((GROUP_PAD,), -1e30, dtype=tl.float32)
         l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
         acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
-        start = split * CHUNK
-        end = tl.minimum(start + CHUNK, length)
+        chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_S) * BLOCK_S
+        start = split * chunk
+        end = tl.minimum(start + chunk, length)
         k_base = k_ptr + b * stride_cb + g * stride_cg
         v_base = v_ptr + b * stride_cb + g * stride_cg
         for s0 in range(start, end, BLOCK_S):
@@ -609,10 +612,11 @@ class AttentionScratch:
     def __init__(self, batch: int, groups: int, group: int, head_dim: int, capacity: int, device: torch.device):
         self.groups, self.group, self.head_dim = groups, group, head_dim
         self.group_pad = max(16, triton.next_power_of_2(group))
-        # Keys per split: as few as make MAX_SPLITS splits, in whole inner blocks of the largest size that fits.
-        # Each split is a program, so short caches get many short programs (1280 slots: 40 splits of 32 keys,
-        # 4.1 us per layer against 6.2 for 10 of 128 on an H200); long ones take 128 keys per inner step
-        # (32768 slots: 14.3 us against 18.4 with 64). Measured with tools/fused_decode_check.py.
+        # Keys per split when the cache is full: as few as make MAX_SPLITS splits, in whole inner blocks of the
+        # largest size that fits. Each split is a program, so short caches get many short programs (1280 slots:
+        # 40 splits of 32 keys, 4.1 us per layer against 6.2 for 10 of 128 on an H200); long ones take 128 keys
+        # per inner step (32768 slots: 14.3 us against 18.4 with 64). Measured with tools/fused_decode_check.py.
+        # The kernel spreads the slots filled so far over the same number of splits.
         per_split = -(-capacity // MAX_SPLITS)
         self.block = max([ATTN_BLOCKS[0]] + [b for b in ATTN_BLOCKS if b <= per_split])
         self.chunk = -(-per_split // self.block) * self.block
@@ -628,8 +632,7 @@ def fused_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     key_valid [b, capacity] (uint8) is set) → out [b, heads * d]."""
     batch = query.shape[0]
     _KERNELS["attention"][(batch * scratch.groups, scratch.splits)](
-        query, keys, values, key_valid, slot, scratch.partial, scratch.stats, scratch.groups, scratch.chunk,
-        scratch.splits, scratch.head_dim ** -0.5, query.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
+        query, keys, values, key_valid, slot, scratch.partial, scratch.stats, scratch.groups, scratch.splits, scratch.head_dim ** -0.5, query.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
         key_valid.stride(0), GROUP=scratch.group, GROUP_PAD=scratch.group_pad, HEAD_DIM=scratch.head_dim,
         BLOCK_S=scratch.block, PDL=PDL_MODE, num_warps=4, num_stages=2, **_pdl_launch())
     _KERNELS["merge"][(batch * scratch.groups * scratch.group,)](

@@ -160,17 +160,18 @@ def test_fused_greedy_step_feeds_back_the_argmax(padded):
                        scores.index_fill(1, greedy.banned, float("-inf")).argmax(-1, keepdim=True))
 
 
-@pytest.mark.parametrize("capacity,block", [(1500, 32), (5000, 64), (9000, 128)])
+@pytest.mark.parametrize("capacity,block,slot", [(1500, 32, 1450), (5000, 64, 4950), (9000, 128, 8950),
+                                                 (9000, 128, 300)])
 @torch.no_grad()
-def test_fused_attention_merges_splits_over_a_long_cache(capacity, block):
+def test_fused_attention_merges_splits_over_a_long_cache(capacity, block, slot):
     """Many key splits merged, padded keys ignored, slots past the current one ignored even when they hold stale
-    values; each inner block size the cache length picks."""
+    values; each inner block size the cache length picks; a short context in a large cache (spread over splits by
+    its own length)."""
     from chatglm.decode_kernels_chatglm import AttentionScratch, _load_triton, fused_attention
 
     assert _load_triton()
     torch.manual_seed(0)
     batch, groups, group, d = 2, 2, 3, 16
-    slot = capacity - 50
     keys = torch.randn(batch, groups, capacity, d, device=DEVICE).half()
     values = torch.randn(batch, groups, capacity, d, device=DEVICE).half()
     query = torch.randn(batch, groups * group * d, device=DEVICE).half()

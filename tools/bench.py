@@ -8,7 +8,8 @@ over the peer's. Weights are random at the variant's real shape unless --tiny. D
 (t(generate new) − t(generate 1)), so prefill is excluded; each system is warmed up first (compilation included).
 Long prefills (--long-prefill) also report the mean SM clock and board power while they ran (`gpu`): at 131072
 tokens an H200 runs at its power limit, so the clock, not the kernels' peak rate, sets the time. With
---prefill-piece the long prefill is fed in pieces into one cache (a chunked prefill).
+--prefill-piece the long prefill is fed in pieces into one cache (a chunked prefill). --chat times replies through
+chat() and stream_chat() (needs the real tokenizer.model: --tokenizer), on the fast path and on generate().
 """
 from __future__ import annotations
 
@@ -47,9 +48,10 @@ def build_ours(args):
     from chatglm.configuration_chatglm import ChatGLMConfig
     from chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
 
-    if args.tiny:
+    if args.tiny:  # (--chat: a vocabulary that covers the real tokenizer's ids)
         config = ChatGLMConfig(num_layers=4, hidden_size=256, num_attention_heads=8, kv_channels=32,
-                               multi_query_group_num=2, ffn_hidden_size=512, padded_vocab_size=4096, seq_length=4096)
+                               multi_query_group_num=2, ffn_hidden_size=512,
+                               padded_vocab_size=65024 if args.chat else 4096, seq_length=4096)
     else:
         config = ChatGLMConfig.from_pretrained(str(REPO / "variants" / args.variant))
     torch.manual_seed(0)
@@ -77,6 +79,10 @@ def measure(name: str, model, args, cache: str, peer: bool) -> dict:
         with torch.no_grad():
             prefill = timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), args.device, repeat=3)
             result["prefill_tok_s"] = round(args.batch * args.prompt / prefill, 1)
+            if args.capacity and cache == "static" and not peer:  # what chat() preallocates for max_length
+                from chatglm.decoding_chatglm import _decoder_for
+
+                _decoder_for(model, args.batch, args.capacity, compile=args.device.startswith("cuda"))
             generate_fn(model, ids, args.new, cache)()  # warm-up (compiles where the cache asks for it)
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
@@ -134,6 +140,79 @@ def measure_long_prefill(name: str, model, args, length: int, peer: bool) -> dic
     return result
 
 
+CHAT_SAMPLING = dict(do_sample=True, top_p=0.8, temperature=0.8)  # chat()'s defaults for chatglm3-6b
+
+
+def load_tokenizer(path: str):
+    """ChatGLMTokenizer (ChatGLM3 format) from a tokenizer.model file or a folder holding one."""
+    from chatglm.tokenization_chatglm import ChatGLMTokenizer
+
+    file = Path(path)
+    file = file / "tokenizer.model" if file.is_dir() else file
+    if not file.is_file():
+        raise SystemExit(f"--chat needs the real tokenizer.model: {file} not found (pass --tokenizer PATH)")
+    return ChatGLMTokenizer(vocab_file=str(file))
+
+
+def chat_query(tok, tokens: int) -> str:
+    """A user message whose chat prompt is about `tokens` tokens long."""
+    sentence = "请讲一个关于大海和星空的长故事。"
+    per = len(tok.encode(sentence, add_special_tokens=False))
+    return sentence * max(1, tokens // per)
+
+
+def measure_chat(name: str, model, tok, args, kind: str) -> dict:
+    """Decode tok/s of a chat reply of --new tokens (sampled, chat()'s defaults), excluding prefill: kind "chat" or
+    "stream_chat" (ours; "fast" or "generate" path by CHATGLM_FAST_CHAT), "generate" (the peer, same prompt ids)."""
+    query = chat_query(tok, args.prompt)
+    ids = tok.build_chat_input(query)["input_ids"].to(args.device)
+    result = {"system": name, "kind": kind, "prompt_tokens": ids.shape[1]}
+
+    def run(new: int):
+        budget = dict(max_new_tokens=new, min_new_tokens=new, **CHAT_SAMPLING)
+        if kind == "chat":
+            return lambda: model.chat(tok, query, **budget)
+        if kind == "stream_chat":
+            return lambda: [item for item in model.stream_chat(tok, query, **budget)]
+        return lambda: model.generate(ids, attention_mask=torch.ones_like(ids), eos_token_id=tok.stop_token_ids,
+                                      pad_token_id=0, **budget)
+    try:
+        with torch.no_grad():
+            run(args.new)()  # warm-up: kernels, graphs
+            t_one = timed(run(1), args.device, repeat=2)
+            t_all = timed(run(args.new), args.device, repeat=args.repeat)
+        result["decode_tok_s"] = round((args.new - 1) / (t_all - t_one), 1)
+    except Exception as error:
+        result["error"] = f"{type(error).__name__}: {error}"[:300]
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def bench_chat(model, args, report: dict) -> None:
+    """--chat: ours through chat() and stream_chat() on the fast path and on generate(), the peer's generate()."""
+    import os
+
+    from chatglm.decoding_chatglm import FAST_CHAT_ENV
+    from glm_peer import glm_peer
+
+    tok = load_tokenizer(args.tokenizer)
+    results = report["results"]
+    for path, setting in (("fast", None), ("generate", "0")):
+        if setting is None:
+            os.environ.pop(FAST_CHAT_ENV, None)
+        else:
+            os.environ[FAST_CHAT_ENV] = setting
+        for kind in ("chat", "stream_chat"):
+            results.append({**measure_chat("ours", model, tok, args, kind), "path": path})
+    os.environ.pop(FAST_CHAT_ENV, None)
+    if not args.no_peer:
+        results.append(measure_chat("GlmForCausalLM", glm_peer(model), tok, args, "generate"))
+    rates = {(r["system"], r["kind"], r.get("path")): r.get("decode_tok_s") for r in results}
+    peer = rates.get(("GlmForCausalLM", "generate", None))
+    report["ratios"] = {f"ours {kind} [{path}] / peer generate": round(rate / peer, 2)
+                        for (system, kind, path), rate in rates.items() if system == "ours" and rate and peer}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="chatglm3-6b")
@@ -150,6 +229,13 @@ def main() -> None:
                         help="instead of decode: time one prefill of each length (CUDA), e.g. 32768 131072")
     parser.add_argument("--prefill-piece", type=int, default=0,
                         help="with --long-prefill: feed it this many tokens at a time into one cache")
+    parser.add_argument("--chat", action="store_true",
+                        help="instead of generate(): chat() and stream_chat() replies of --new sampled tokens")
+    parser.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "assets" / "tokenizer"),
+                        help="with --chat: the real tokenizer.model, or a folder holding it")
+    parser.add_argument("--capacity", type=int, default=0,
+                        help="fast path: preallocate its cache for this many positions first (chat() preallocates "
+                             "prompt + budget, up to the variant's max_length)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -162,6 +248,12 @@ def main() -> None:
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "results": []}
     model = build_ours(args)
+    if args.chat:
+        bench_chat(model, args, report)
+        print(json.dumps(report["ratios"]), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2))
+        return
     if args.long_prefill:
         peer = None if args.no_peer else glm_peer(model)
         for length in args.long_prefill:
