@@ -377,11 +377,13 @@ class ChatGLMChatMixin:
         stop = _as_list(gen["eos_token_id"])
         last: Optional[List[int]] = None
         shown: Optional[List[int]] = None
-        stream = self.stream_generate(**self._left_padded([prompt.ids], tokenizer.pad_token_id),
-                                      past_key_values=cache, **gen)
+        inputs = self._left_padded([prompt.ids], tokenizer.pad_token_id)
+        stream = self._stream_steps(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], cache,
+                                    gen.pop("eos_token_id"), None, gen.pop("logits_processor", None), True, gen,
+                                    live_cache=False)  # (the cache a reply leaves is complete when it ends)
         try:
-            for ids in stream:
-                row = ids[0].tolist()
+            for _, rows, _ in stream:
+                row = rows[0]
                 setattr(cache, CACHE_IDS_ATTR, row)
                 last = _reply_ids(row, len(prompt.ids), stop)
                 text = tokenizer.decode(last)
@@ -410,7 +412,8 @@ class ChatGLMChatMixin:
     def _fast_stream(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor],
                      position_ids: Optional[torch.LongTensor], past_key_values: Any, eos_token_id: Any,
                      generation_config: Optional[GenerationConfig], logits_processor: Any, kwargs: Dict[str, Any],
-                     want_cache: bool) -> Optional[Tuple[torch.Tensor, Generator[torch.Tensor, None, None], Any]]:
+                     want_cache: bool, live_cache: bool
+                     ) -> Optional[Tuple[torch.Tensor, Generator[torch.Tensor, None, None], Any]]:
         """``stream_generate``'s request on the fast path → (the first step's new tokens [batch], the generator of
         the next ones, the cache it fills), or
         None where that path does not serve it: a generation config, logits processors or stopping criteria, a
@@ -428,7 +431,7 @@ class ChatGLMChatMixin:
             return None
         if cache is None and want_cache:
             cache = new_dynamic_cache()
-        tokens = fast_stream(self, past_key_values=cache, **request)
+        tokens = fast_stream(self, past_key_values=cache, live_cache=live_cache, **request)
         try:  # the first step takes the decoder (or finds it busy) and prefills
             first = next(tokens)
         except FastPathBusy:
@@ -456,16 +459,37 @@ class ChatGLMChatMixin:
         ``past_key_values`` may hold the start of ``input_ids`` (only the rest is computed), or — official style —
         the tokens before ``input_ids`` when ``attention_mask`` covers cached + new positions.
         """
+        stream = self._stream_steps(input_ids, attention_mask, position_ids, past_key_values, eos_token_id,
+                                    generation_config, logits_processor, return_past_key_values, kwargs)
+        try:
+            for ids, _, cache in stream:
+                yield (ids, cache) if return_past_key_values else ids
+        finally:
+            stream.close()
+
+    def _stream_steps(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor],
+                      position_ids: Optional[torch.LongTensor], past_key_values: Any, eos_token_id: Any,
+                      generation_config: Optional[GenerationConfig], logits_processor: Any, want_cache: bool,
+                      kwargs: Dict[str, Any], live_cache: bool = True
+                      ) -> Generator[Tuple[torch.Tensor, List[List[int]], Any], None, None]:
+        """``stream_generate``'s steps → (ids [batch, prompt + new] on the input's device, the same rows as lists,
+        the cache). On the fast path the lists come from the host copy of each step's tokens, so a caller that
+        only reads them (stream_chat) never waits for the GPU to finish the step already running; without
+        ``live_cache`` the cache is brought up to date when the stream ends or is closed, not at every step."""
         kwargs = self._generate_kwargs_only(kwargs)
         fast = self._fast_stream(input_ids, attention_mask, position_ids, past_key_values, eos_token_id,
-                                 generation_config, logits_processor, kwargs, return_past_key_values)
+                                 generation_config, logits_processor, kwargs, want_cache, live_cache)
         if fast is not None:
             first, steps, cache = fast
-            ids = input_ids
+            ids, rows = input_ids, input_ids.tolist()
             try:
                 for new in itertools.chain([first], steps):
-                    ids = torch.cat([ids, new.to(ids.device)[:, None]], dim=1)
-                    yield (ids, cache) if return_past_key_values else ids
+                    for row, token in zip(rows, new.tolist()):
+                        row.append(token)
+                    if ids.is_cuda:  # (pinned: the copy does not wait for the step in flight)
+                        new = new.pin_memory()
+                    ids = torch.cat([ids, new.to(ids.device, non_blocking=True)[:, None]], dim=1)
+                    yield ids, [list(row) for row in rows], cache
             finally:  # at once, not whenever the garbage collector finds it: it fills the cache, frees the decoder
                 steps.close()
             return
@@ -500,7 +524,7 @@ class ChatGLMChatMixin:
                 ids = value[:, skip:] if ids is None else torch.cat([ids, value.view(-1, 1)], dim=1)
                 if ids.shape[1] > input_ids.shape[1] - skip:  # the first item is the prompt itself
                     out = ids.to(input_ids.device)
-                    yield (out, cache) if return_past_key_values else out
+                    yield out, out.tolist(), cache
                 streamer.resume()
         finally:
             streamer.stop()

@@ -134,16 +134,6 @@ def crop_cache(cache: Any, keep: int) -> bool:
     return True
 
 
-def fill_cache(cache: Any, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> bool:
-    """Make a growing cache hold copies of `keys` / `values` (one [batch, kv_heads, seq, head_dim] pair per layer)
-    instead of what it held, in place; False (cache unchanged) when it cannot be emptied first."""
-    if not crop_cache(cache, 0):
-        return False
-    for layer_idx, (key, value) in enumerate(zip(keys, values)):
-        cache.update(key.clone(), value.clone(), layer_idx)
-    return True
-
-
 def cache_is_static(cache: Any) -> bool:
     """True for preallocated caches (StaticCache): their length is the allocation, not the content."""
     return bool(getattr(cache, "is_compileable", False)) and not isinstance(cache, KVCache)

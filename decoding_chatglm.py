@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from transformers.utils import logging
 
-from .compat_chatglm import cache_layer, cache_length, fill_cache, kernel_device
+from .compat_chatglm import cache_layer, cache_length, kernel_device
 from .decode_kernels_chatglm import FusedDecodeStep, unsupported_reason
 
 logger = logging.get_logger(__name__)
@@ -258,7 +258,7 @@ class DecodeRun:
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.attention_mask, self.position_ids = attention_mask, position_ids
-        self.held = cache_length(past_key_values)
+        self.held = self.exported = cache_length(past_key_values)
         if not 0 <= self.held < self.prompt_len:
             raise ValueError(f"past_key_values holds {self.held} positions; it must hold fewer than the "
                              f"{self.prompt_len} tokens of input_ids (their start)")
@@ -354,15 +354,19 @@ class DecodeRun:
         return torch.cat([self.input_ids, out], dim=1)
 
     def export(self, cache: Any) -> None:
-        """Make `cache` hold what generate() would leave in it: the keys/values of every token but the last one
-        produced (the prompt included)."""
-        if not self.produced:  # ended before its first token: the cache keeps what it held
-            return
+        """Bring `cache` (the one the run started from) to what generate() would leave in it by now: the keys/values
+        of every token but the last one produced, the prompt included. Only new positions are appended; a cache
+        that changed meanwhile (another generation extended it) is left alone."""
         length = self.prompt_len + self.produced - 1
-        keys = [k[:, :, :length] for k in self.decoder.cache.keys]
-        values = [v[:, :, :length] for v in self.decoder.cache.values]
-        if not fill_cache(cache, keys, values):
-            logger.info("fast path: this cache cannot be refilled; it keeps the tokens it held before")
+        if length <= self.exported:
+            return
+        if cache_length(cache) != self.exported:
+            logger.warning("fast path: the cache was changed by another generation during this one; not updated")
+            return
+        for layer_idx, (keys, values) in enumerate(zip(self.decoder.cache.keys, self.decoder.cache.values)):
+            cache.update(keys[:, :, self.exported:length].clone(), values[:, :, self.exported:length].clone(),
+                         layer_idx)
+        self.exported = length
 
     def close(self) -> None:
         """Give the decoder back (its cache is scratch space of each run)."""
@@ -415,15 +419,19 @@ def fast_generate(model: torch.nn.Module, input_ids: torch.LongTensor, **kwargs:
 
 @torch.no_grad()
 def fast_stream(model: torch.nn.Module, input_ids: torch.LongTensor, past_key_values: Any = None,
-                **kwargs: Any) -> Iterator[torch.LongTensor]:
+                live_cache: bool = False, **kwargs: Any) -> Iterator[torch.LongTensor]:
     """`fast_generate` one step at a time: yields each step's new tokens [b] (CPU; pad for rows already ended).
 
     With `past_key_values` (a growing cache holding the start of input_ids, possibly nothing), only the rest of
     the prompt is computed, and once the stream ends or is closed the cache holds the keys/values of every token
-    but the last one yielded, as generate() leaves it."""
+    but the last one yielded, as generate() leaves it; with `live_cache` it is brought up to date before every
+    yield (for callers that read it between steps: a growing cache's appends cost time at long contexts)."""
     run = DecodeRun(model, input_ids, past_key_values=past_key_values, **kwargs)
     try:
-        yield from run.steps(stream=True)
+        for tokens in run.steps(stream=True):
+            if live_cache and past_key_values is not None:
+                run.export(past_key_values)
+            yield tokens
     finally:
         try:
             if past_key_values is not None:

@@ -121,6 +121,23 @@ def test_stream_generate_on_the_fast_path(tiny_toks, monkeypatch, runs):  # noqa
     *_, (batch, cache) = model.stream_generate(input_ids=ids, attention_mask=mask, eos_token_id=eos, pad_token_id=0,
                                                return_past_key_values=True, **request)
     assert torch.equal(batch, reference) and cache_length(cache) == batch.shape[1] - 1
+    # the cache handed out with every step holds every token but the last one at that step
+    for ids, cache in model.stream_generate(**inputs, eos_token_id=never, return_past_key_values=True, **request):
+        assert cache_length(cache) == ids.shape[1] - 1
+
+
+def test_a_cache_changed_during_a_fast_stream_is_not_overwritten(tiny_toks, monkeypatch):  # noqa: F811
+    tok = tiny_toks[cf.CHATGLM3]
+    model = model_for(tok)
+    monkeypatch.setenv(FAST_CHAT_ENV, "1")
+    kwargs = dict(do_sample=False, max_new_tokens=8)
+    *_, (_, history, cache) = model.stream_chat(tok, "Hello", return_past_key_values=True, **kwargs)
+    stream = model.stream_chat(tok, "More", history, past_key_values=cache, return_past_key_values=True, **kwargs)
+    next(stream)
+    held = cache_length(cache)
+    model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=cache, use_cache=True)  # someone else extends it
+    stream.close()
+    assert cache_length(cache) == held + 3
 
 
 def test_a_busy_fast_path_sends_other_requests_to_generate(tiny_toks, monkeypatch, runs):  # noqa: F811
