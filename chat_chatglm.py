@@ -415,9 +415,9 @@ class ChatGLMChatMixin:
                      want_cache: bool, live_cache: bool
                      ) -> Optional[Tuple[torch.Tensor, Generator[torch.Tensor, None, None], Any]]:
         """``stream_generate``'s request on the fast path → (the first step's new tokens [batch], the generator of
-        the next ones, the cache it fills), or
-        None where that path does not serve it: a generation config, logits processors or stopping criteria, a
-        cache that is not a growing one holding the start of ``input_ids``, or ``fast_chat_wanted`` says no."""
+        the next ones, the cache it fills), or None where that path does not serve it: a generation config, logits
+        processors or stopping criteria, a cache that is not a growing one holding the start of ``input_ids``, or
+        ``fast_chat_wanted`` says no."""
         if generation_config is not None or logits_processor is not None or "stopping_criteria" in kwargs:
             return None
         cache = past_key_values

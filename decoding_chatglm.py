@@ -273,8 +273,7 @@ class DecodeRun:
             raise FastPathBusy("this model's fast path is in use by another generation (another thread, or a stream "
                                "not yet finished or closed)")
         try:
-            capacity = min(_bucket(self.prompt_len + self.max_new_tokens), model.config.seq_length)
-            self.decoder = _decoder_for(model, batch, capacity, compile)
+            self.decoder = _decoder_for(model, batch, _capacity(model, self.prompt_len, self.max_new_tokens), compile)
             self.logits = self._prefill(model, past_key_values)
         except BaseException:
             self.close()
@@ -308,6 +307,7 @@ class DecodeRun:
         EOS_CHECK_EVERY steps (one host synchronisation each; none before min_new_tokens)."""
         decoder, last = self.decoder, self.max_new_tokens - 1
         ended = torch.zeros(self.out.shape[0], dtype=torch.bool)
+        eos_host = torch.tensor(self.eos, dtype=torch.long)
         host = HostCopy(self.out.device) if stream else None
         self.produced = 0 if stream else self.max_new_tokens
         for step in range(self.max_new_tokens):
@@ -333,7 +333,7 @@ class DecodeRun:
                 self.produced = step + 1
                 yield tokens
                 if self.eos:
-                    ended |= torch.isin(tokens, torch.tensor(self.eos))
+                    ended |= torch.isin(tokens, eos_host)
                     if bool(ended.all()):
                         return
             elif self.eos_tensor is not None and step >= self.min_new_tokens - 1 and \
@@ -458,7 +458,7 @@ def fast_chat_wanted(model: torch.nn.Module, request: dict) -> bool:
     if model.device.type != "cuda" or unsupported_reason(model, batch) is not None:
         return False
     new = new_token_budget(model, prompt_len, request.get("max_new_tokens"), request.get("max_length"))
-    capacity = min(_bucket(prompt_len + new), model.config.seq_length)
+    capacity = _capacity(model, prompt_len, new)
     decoder = getattr(model, "_chatglm_decoder", None)
     if decoder is not None and decoder.batch == batch and decoder.capacity >= capacity:
         return True
@@ -494,9 +494,10 @@ def _model_lock(model: torch.nn.Module) -> threading.Lock:
         return _LOCKS.setdefault(model, threading.Lock())
 
 
-def _bucket(capacity: int) -> int:
-    """Round the cache capacity up (multiple of 256) so nearby request lengths share one compiled step."""
-    return -(-capacity // 256) * 256
+def _capacity(model: torch.nn.Module, prompt_len: int, new_tokens: int) -> int:
+    """Cache positions a decoder is built with for a request: prompt + new tokens rounded up to a multiple of 256
+    (so nearby request lengths share one compiled step), at most the model's seq_length."""
+    return min(-(-(prompt_len + new_tokens) // 256) * 256, model.config.seq_length)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> tuple:
