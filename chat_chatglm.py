@@ -460,7 +460,8 @@ class ChatGLMChatMixin:
         the tokens before ``input_ids`` when ``attention_mask`` covers cached + new positions.
         """
         stream = self._stream_steps(input_ids, attention_mask, position_ids, past_key_values, eos_token_id,
-                                    generation_config, logits_processor, return_past_key_values, kwargs)
+                                    generation_config, logits_processor, return_past_key_values, kwargs,
+                                    host_rows=False)
         try:
             for ids, _, cache in stream:
                 yield (ids, cache) if return_past_key_values else ids
@@ -470,26 +471,28 @@ class ChatGLMChatMixin:
     def _stream_steps(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor],
                       position_ids: Optional[torch.LongTensor], past_key_values: Any, eos_token_id: Any,
                       generation_config: Optional[GenerationConfig], logits_processor: Any, want_cache: bool,
-                      kwargs: Dict[str, Any], live_cache: bool = True
-                      ) -> Generator[Tuple[torch.Tensor, List[List[int]], Any], None, None]:
-        """``stream_generate``'s steps → (ids [batch, prompt + new] on the input's device, the same rows as lists,
-        the cache). On the fast path the lists come from the host copy of each step's tokens, so a caller that
-        only reads them (stream_chat) never waits for the GPU to finish the step already running; without
-        ``live_cache`` the cache is brought up to date when the stream ends or is closed, not at every step."""
+                      kwargs: Dict[str, Any], live_cache: bool = True, host_rows: bool = True
+                      ) -> Generator[Tuple[torch.Tensor, Optional[List[List[int]]], Any], None, None]:
+        """``stream_generate``'s steps → (ids [batch, prompt + new] on the input's device, with ``host_rows`` the
+        same rows as lists (else None), the cache). On the fast path the lists come from the host copy of each
+        step's tokens, so a caller that only reads them (stream_chat) never waits for the GPU to finish the step
+        already running; without ``live_cache`` the cache is brought up to date when the stream ends or is closed,
+        not at every step."""
         kwargs = self._generate_kwargs_only(kwargs)
         fast = self._fast_stream(input_ids, attention_mask, position_ids, past_key_values, eos_token_id,
                                  generation_config, logits_processor, kwargs, want_cache, live_cache)
         if fast is not None:
             first, steps, cache = fast
-            ids, rows = input_ids, input_ids.tolist()
+            ids, rows = input_ids, input_ids.tolist() if host_rows else None
             try:
                 for new in itertools.chain([first], steps):
-                    for row, token in zip(rows, new.tolist()):
-                        row.append(token)
+                    if rows is not None:
+                        for row, token in zip(rows, new.tolist()):
+                            row.append(token)
                     if ids.is_cuda:  # (pinned: the copy does not wait for the step in flight)
                         new = new.pin_memory()
                     ids = torch.cat([ids, new.to(ids.device, non_blocking=True)[:, None]], dim=1)
-                    yield ids, [list(row) for row in rows], cache
+                    yield ids, None if rows is None else [list(row) for row in rows], cache
             finally:  # at once, not whenever the garbage collector finds it: it fills the cache, frees the decoder
                 steps.close()
             return
@@ -524,7 +527,7 @@ class ChatGLMChatMixin:
                 ids = value[:, skip:] if ids is None else torch.cat([ids, value.view(-1, 1)], dim=1)
                 if ids.shape[1] > input_ids.shape[1] - skip:  # the first item is the prompt itself
                     out = ids.to(input_ids.device)
-                    yield out, out.tolist(), cache
+                    yield out, out.tolist() if host_rows else None, cache
                 streamer.resume()
         finally:
             streamer.stop()

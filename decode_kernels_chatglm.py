@@ -632,8 +632,9 @@ def fused_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     key_valid [b, capacity] (uint8) is set) → out [b, heads * d]."""
     batch = query.shape[0]
     _KERNELS["attention"][(batch * scratch.groups, scratch.splits)](
-        query, keys, values, key_valid, slot, scratch.partial, scratch.stats, scratch.groups, scratch.splits, scratch.head_dim ** -0.5, query.stride(0), keys.stride(0), keys.stride(1), keys.stride(2),
-        key_valid.stride(0), GROUP=scratch.group, GROUP_PAD=scratch.group_pad, HEAD_DIM=scratch.head_dim,
+        query, keys, values, key_valid, slot, scratch.partial, scratch.stats, scratch.groups, scratch.splits,
+        scratch.head_dim ** -0.5, query.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), key_valid.stride(0),
+        GROUP=scratch.group, GROUP_PAD=scratch.group_pad, HEAD_DIM=scratch.head_dim,
         BLOCK_S=scratch.block, PDL=PDL_MODE, num_warps=4, num_stages=2, **_pdl_launch())
     _KERNELS["merge"][(batch * scratch.groups * scratch.group,)](
         scratch.partial, scratch.stats, out, scratch.groups, scratch.splits, out.stride(0), GROUP=scratch.group,

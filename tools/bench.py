@@ -173,7 +173,7 @@ def measure_chat(name: str, model, tok, args, kind: str) -> dict:
         if kind == "chat":
             return lambda: model.chat(tok, query, **budget)
         if kind == "stream_chat":
-            return lambda: [item for item in model.stream_chat(tok, query, **budget)]
+            return lambda: list(model.stream_chat(tok, query, **budget))
         return lambda: model.generate(ids, attention_mask=torch.ones_like(ids), eos_token_id=tok.stop_token_ids,
                                       pad_token_id=0, **budget)
     try:
@@ -213,6 +213,41 @@ def bench_chat(model, args, report: dict) -> None:
                         for (system, kind, path), rate in rates.items() if system == "ours" and rate and peer}
 
 
+def bench_long_prefill(model, args, report: dict) -> None:
+    """--long-prefill: ours and the peer, one prefill of each length."""
+    from glm_peer import glm_peer
+
+    peer = None if args.no_peer else glm_peer(model)
+    for length in args.long_prefill:
+        report["results"].append(measure_long_prefill("ours", model, args, length, peer=False))
+        if peer is not None:
+            report["results"].append(measure_long_prefill("GlmForCausalLM", peer, args, length, peer=True))
+    seconds = {(r["system"], r["prefill_tokens"]): r.get("seconds") for r in report["results"]}
+    report["ratios"] = {f"peer/ours prefill {n}": round(seconds[("GlmForCausalLM", n)] / seconds[("ours", n)], 2)
+                        for n in args.long_prefill if seconds.get(("ours", n)) and seconds.get(("GlmForCausalLM", n))}
+
+
+def bench_decode(model, args, report: dict) -> None:
+    """Default: prefill and decode of ours and the peer with each cache kind, ratios of every pair."""
+    from glm_peer import glm_peer
+
+    for cache in args.caches:
+        report["results"].append(measure("ours", model, args, cache, peer=False))
+    if not args.no_peer and not args.quant:
+        peer = glm_peer(model)
+        del model
+        for cache in args.caches:
+            report["results"].append(measure("GlmForCausalLM", peer, args, cache, peer=True))
+    ours = {r["cache"]: r for r in report["results"] if r["system"] == "ours"}
+    report["ratios"] = {}
+    for r in report["results"]:
+        if r["system"] != "ours" and "decode_tok_s" in r:
+            for cache, mine in ours.items():
+                if "decode_tok_s" in mine:
+                    report["ratios"][f"ours[{cache}]/peer[{r['cache']}] decode"] = round(
+                        mine["decode_tok_s"] / r["decode_tok_s"], 2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="chatglm3-6b")
@@ -242,50 +277,15 @@ def main() -> None:
     import_package()
     import transformers
 
-    from glm_peer import glm_peer
-
     report = {"args": vars(args), "torch": torch.__version__, "transformers": transformers.__version__,
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "results": []}
     model = build_ours(args)
-    if args.chat:
-        bench_chat(model, args, report)
-        print(json.dumps(report["ratios"]), flush=True)
-        if args.out:
-            Path(args.out).write_text(json.dumps(report, indent=2))
-        return
-    if args.long_prefill:
-        peer = None if args.no_peer else glm_peer(model)
-        for length in args.long_prefill:
-            report["results"].append(measure_long_prefill("ours", model, args, length, peer=False))
-            if peer is not None:
-                report["results"].append(measure_long_prefill("GlmForCausalLM", peer, args, length, peer=True))
-        seconds = {(r["system"], r["prefill_tokens"]): r.get("seconds") for r in report["results"]}
-        report["ratios"] = {f"peer/ours prefill {n}": round(seconds[("GlmForCausalLM", n)] / seconds[("ours", n)], 2)
-                            for n in args.long_prefill if seconds.get(("ours", n)) and seconds.get(("GlmForCausalLM", n))}
-        print(json.dumps(report["ratios"]), flush=True)
-        if args.out:
-            Path(args.out).write_text(json.dumps(report, indent=2))
-        return
-    for cache in args.caches:
-        report["results"].append(measure("ours", model, args, cache, peer=False))
-    if not args.no_peer and not args.quant:
-        peer = glm_peer(model)
-        del model
-        for cache in args.caches:
-            report["results"].append(measure("GlmForCausalLM", peer, args, cache, peer=True))
-    ours = {r["cache"]: r for r in report["results"] if r["system"] == "ours"}
-    report["ratios"] = {}
-    for r in report["results"]:
-        if r["system"] != "ours" and "decode_tok_s" in r:
-            for cache, mine in ours.items():
-                if "decode_tok_s" in mine:
-                    report["ratios"][f"ours[{cache}]/peer[{r['cache']}] decode"] = round(
-                        mine["decode_tok_s"] / r["decode_tok_s"], 2)
+    mode = bench_chat if args.chat else bench_long_prefill if args.long_prefill else bench_decode
+    mode(model, args, report)
     print(json.dumps(report["ratios"]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
-
 
 if __name__ == "__main__":
     main()
