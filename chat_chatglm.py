@@ -3,8 +3,8 @@
 
 Prompts and reply parsing come from ``chat_format.py`` through the tokenizer. Tokens come from the fast path
 (``decoding_chatglm``: preallocated cache, fused or compiled step, CUDA graphs) where ``fast_chat_wanted`` says it
-serves the request — by default on CUDA, greedy or plain sampling — and from transformers' own ``generate()``
-otherwise (beams, logits processors, stopping criteria, repetition penalty, prefix tuning, ...). On the generate()
+serves the request — by default on CUDA, greedy or sampling, with or without a repetition penalty — and from transformers' own ``generate()``
+otherwise (beams, logits processors, stopping criteria, n-gram bans, prefix tuning, ...). On the generate()
 path ``stream_generate`` runs it in a background thread with a streamer that hands each step over in lock-step, so
 the cache a caller sees between two steps is not being written to; on the fast path the steps run in the caller's
 thread and the caller's cache is filled when the stream ends or is closed.

@@ -2,7 +2,8 @@
 
 The rest of the package never looks at a version number: it asks this module which cache class to use, how to
 turn a legacy tuple cache into a cache object, whether SDPA can share key/value heads, which gradient
-checkpointing hook the running transformers calls, and on which GPU a hand-written kernel must be launched.
+checkpointing hook the running transformers calls, what generate() uses for a setting left unset, and on which GPU
+a hand-written kernel must be launched.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers.utils import logging
 
 try:  # transformers >= 4.36
@@ -153,6 +154,18 @@ def reorder_cache(past_key_values: Any, beam_idx: torch.LongTensor) -> Any:
         past_key_values.reorder_cache(beam_idx)
         return past_key_values
     return tuple(tuple(t.index_select(0, beam_idx.to(t.device)) for t in layer) for layer in past_key_values)
+
+
+def generation_setting(config: GenerationConfig, name: str) -> Any:
+    """Setting `name` (top_k, temperature, repetition_penalty, ...) as generate() resolves it for a model whose
+    generation config is `config`: the config's value, else transformers' global default. transformers 5 leaves
+    unset fields None and fills them in inside generate() (top_k 50 among them); older versions keep the defaults
+    on every GenerationConfig."""
+    value = getattr(config, name, None)
+    if value is not None:
+        return value
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", None)
+    return defaults().get(name) if defaults is not None else getattr(GenerationConfig(), name, None)
 
 
 def is_compiling() -> bool:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from transformers.utils import logging
 
-from .compat_chatglm import cache_layer, cache_length, kernel_device
+from .compat_chatglm import cache_layer, cache_length, generation_setting, kernel_device
 from .decode_kernels_chatglm import FusedDecodeStep, unsupported_reason
 
 logger = logging.get_logger(__name__)
@@ -25,7 +25,8 @@ logger = logging.get_logger(__name__)
 # generate() arguments the fast path understands; anything else goes to transformers' generate().
 FAST_PATH_KWARGS = frozenset({
     "input_ids", "attention_mask", "position_ids", "max_new_tokens", "max_length", "min_new_tokens", "do_sample",
-    "temperature", "top_k", "top_p", "eos_token_id", "pad_token_id", "cache_implementation", "use_cache",
+    "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id", "cache_implementation",
+    "use_cache",
     "num_beams", "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits",
 })
 FAST_CHAT_ENV = "CHATGLM_FAST_CHAT"  # 0: chat / stream_chat never take the fast path; 1: always where it can
@@ -223,7 +224,7 @@ class FastPathBusy(RuntimeError):
 
 
 class DecodeRun:
-    """One fast-path generation: the request's settings (unset ones from `model.generation_config`), a lease on
+    """One fast-path generation: the request's settings (unset ones as generate() resolves them), a lease on
     the model's decoder, the prompt prefilled into its cache, then `steps`. `close` gives the lease back.
 
     `past_key_values`: a growing cache that holds the keys/values of the first k < n tokens of input_ids [b, n];
@@ -234,18 +235,23 @@ class DecodeRun:
                  attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.LongTensor] = None,
                  max_new_tokens: Optional[int] = None, max_length: Optional[int] = None, min_new_tokens: int = 0,
                  do_sample: Optional[bool] = None, temperature: Optional[float] = None, top_k: Optional[int] = None,
-                 top_p: Optional[float] = None, eos_token_id: Optional[Union[int, Sequence[int]]] = None,
-                 pad_token_id: Optional[int] = None, compile: Optional[bool] = None, past_key_values: Any = None,
-                 **ignored: Any):
+                 top_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
+                 eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
+                 compile: Optional[bool] = None, past_key_values: Any = None, **ignored: Any):
         config = model.generation_config
-        self.do_sample = config.do_sample if do_sample is None else do_sample
-        self.temperature = (config.temperature or 1.0) if temperature is None else temperature
-        self.top_k = (config.top_k or 0) if top_k is None else top_k
-        self.top_p = (config.top_p or 1.0) if top_p is None else top_p
-        eos = config.eos_token_id if eos_token_id is None else eos_token_id
+
+        def setting(name: str, value: Any) -> Any:  # a request's value, else what generate() would use
+            return generation_setting(config, name) if value is None else value
+
+        self.do_sample = bool(setting("do_sample", do_sample))
+        self.temperature, self.top_k = setting("temperature", temperature), setting("top_k", top_k) or 0
+        self.top_p = setting("top_p", top_p)
+        self.repetition_penalty = float(setting("repetition_penalty", repetition_penalty))
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be a positive number (1.0: none), got {repetition_penalty}")
+        eos = setting("eos_token_id", eos_token_id)
         self.eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        self.pad = (config.pad_token_id if config.pad_token_id is not None else 0) if pad_token_id is None \
-            else pad_token_id
+        self.pad = setting("pad_token_id", pad_token_id) or 0
         self.min_new_tokens = min_new_tokens or 0
         self.input_ids = input_ids
         batch, self.prompt_len = input_ids.shape
@@ -265,7 +271,9 @@ class DecodeRun:
         compile = device.type == "cuda" if compile is None else compile
         self.eos_tensor = torch.tensor(self.eos, device=device, dtype=torch.long) if self.eos else None
         # greedy decoding stays on the device: the argmax (eos ids excluded before min_new_tokens) is in the step
-        self.greedy_in_graph = not self.do_sample and (self.eos_tensor is None or len(self.eos) <= MAX_BANNED)
+        self.greedy_in_graph = not self.do_sample and self.repetition_penalty == 1.0 and \
+            (self.eos_tensor is None or len(self.eos) <= MAX_BANNED)
+        self.seen: Optional[torch.Tensor] = None  # [b, vocab]: ids in each row so far (for repetition_penalty)
         self.out = torch.full((batch, self.max_new_tokens), self.pad, dtype=torch.long, device=device)
         self.produced = 0
         self.lock = _model_lock(model)
@@ -294,10 +302,25 @@ class DecodeRun:
         return out.logits[:, -1].float()
 
     def _pick(self, step: int) -> torch.Tensor:
-        """The token of `step` from the last logits (eos ids excluded before min_new_tokens) → [b, 1]."""
+        """The token of `step` from the last logits → [b, 1]. In generate()'s order: the repetition penalty on every
+        id the row holds, eos ids excluded before min_new_tokens, then the sampling warpers. Left padding is not
+        penalized (as in transformers >= 5.23; older ones penalize the pad id too), so a row's reply does not
+        depend on the batch it is in."""
+        logits = self.logits
+        if self.repetition_penalty != 1.0:
+            if self.seen is None:  # (pad positions are scattered into a spare column past the vocabulary)
+                batch, vocab = logits.shape
+                seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=logits.device)
+                seen.scatter_(1, self.input_ids.masked_fill(self.attention_mask == 0, vocab), True)
+                self.seen = seen[:, :vocab]
+            penalized = torch.where(logits < 0, logits * self.repetition_penalty, logits / self.repetition_penalty)
+            logits = torch.where(self.seen, penalized, logits)
         if self.eos_tensor is not None and step < self.min_new_tokens:
-            self.logits[:, self.eos_tensor] = float("-inf")
-        return sample_next(self.logits, self.do_sample, self.temperature, self.top_k, self.top_p)[:, None]
+            logits[:, self.eos_tensor] = float("-inf")
+        token = sample_next(logits, self.do_sample, self.temperature, self.top_k, self.top_p)[:, None]
+        if self.seen is not None:
+            self.seen.scatter_(1, token, True)
+        return token
 
     def steps(self, stream: bool) -> Iterator[torch.Tensor]:
         """Decode. Each step launches the next one before the host looks at its token, so the GPU keeps working.
@@ -404,9 +427,10 @@ def fast_generate(model: torch.nn.Module, input_ids: torch.LongTensor, **kwargs:
     """Greedy or sampled decoding of a (left-padded) batch [b, n] → sequences [b, n + new], like generate().
 
     Keyword arguments: attention_mask, position_ids, max_new_tokens / max_length, min_new_tokens, do_sample,
-    temperature, top_k, top_p, eos_token_id, pad_token_id (unset ones come from `model.generation_config`; after a
-    row's end-of-sequence token it receives pad_token_id), and `compile`, True by default on CUDA (False runs the
-    same static-cache step eagerly). Others are ignored. FastPathBusy while another run holds the decoder.
+    temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id (unset ones as generate() sets them:
+    from `model.generation_config`, else transformers' defaults such as top_k 50; after a row's end-of-sequence
+    token it receives pad_token_id), and `compile`, True by default on CUDA (False runs the same static-cache step
+    eagerly). Others are ignored. FastPathBusy while another run holds the decoder.
     """
     run = DecodeRun(model, input_ids, **kwargs)
     try:

@@ -57,6 +57,49 @@ def test_fast_generate_sampling_is_seeded_and_respects_top_k_1(model64):
     assert torch.equal(runs[0], runs[1])
 
 
+SAMPLED = [
+    dict(do_sample=True, top_p=0.9, temperature=1.5),  # top_k unset: generate() applies its default of 50
+    dict(do_sample=True, top_p=0.9, top_k=0),
+    dict(do_sample=True, top_k=7, temperature=0.7),
+    dict(do_sample=True, top_p=0.8, repetition_penalty=1.3),
+    dict(do_sample=True, repetition_penalty=1.3, min_new_tokens=6, eos_token_id=[3, 9]),
+    dict(do_sample=False, repetition_penalty=1.3),
+    dict(do_sample=False, repetition_penalty=0.7, eos_token_id=[3, 9]),
+]
+
+
+@pytest.mark.parametrize("settings", SAMPLED, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+@torch.no_grad()
+def test_fast_generate_samples_what_generate_samples(model64, settings):
+    """Same seed, same settings (unset ones as generate() fills them in) → the same tokens. Rows of equal length:
+    transformers < 5.23 also penalizes left padding (see the next test)."""
+    prompts = random_prompts(seed=34, lengths=[11, 11, 11])
+    ids = torch.stack(prompts)
+    settings = {"eos_token_id": None, **settings}
+    out = []
+    for generate in (model64.generate, model64.fast_generate):
+        torch.manual_seed(5)
+        extra = {} if generate == model64.generate else dict(compile=False)
+        out.append(generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, pad_token_id=0,
+                            **settings, **extra))
+    assert torch.equal(out[1], out[0])
+
+
+@torch.no_grad()
+def test_repetition_penalty_on_the_fast_path_ignores_left_padding(model64):
+    prompts = random_prompts(seed=35)
+    ids, mask = left_pad(prompts)
+    settings = dict(do_sample=False, repetition_penalty=1.5, eos_token_id=None, max_new_tokens=10, compile=False)
+    batch = model64.fast_generate(ids, attention_mask=mask, **settings)[:, ids.shape[1]:]
+    plain = model64.fast_generate(ids, attention_mask=mask, **{**settings, "repetition_penalty": 1.0})
+    assert not torch.equal(batch, plain[:, ids.shape[1]:])  # the penalty changed something
+    for row, prompt in zip(batch, prompts):
+        alone = model64.fast_generate(prompt[None], **settings)[0, len(prompt):]
+        assert torch.equal(row, alone)
+    with pytest.raises(ValueError, match="repetition_penalty must be a positive"):
+        model64.fast_generate(ids, attention_mask=mask, **{**settings, "repetition_penalty": 0.0})
+
+
 def test_fast_path_only_takes_requests_it_serves(model64):
     ids = torch.ones(1, 3, dtype=torch.long)
     assert fast_path_supports(model64, dict(input_ids=ids, cache_implementation="static", max_new_tokens=3))

@@ -50,13 +50,32 @@ def test_chat_and_batch_chat_match_generate(tiny_toks, family, monkeypatch, runs
         monkeypatch.setenv(FAST_CHAT_ENV, "1" if fast else "0")
         before = len(runs)
         results[fast] = (model.chat(tok, "What is the weather like?", history_for(family), **GREEDY),
-                         model.batch_chat(tok, queries, histories, do_sample=False, max_length=120))
-        assert len(runs) == before + 2 * fast
+                         model.batch_chat(tok, queries, histories, do_sample=False, max_length=120),
+                         model.chat(tok, "Hi", repetition_penalty=1.3, **GREEDY))
+        assert len(runs) == before + 3 * fast
     assert results[True] == results[False]
     # what the fast path lacks goes to generate()
     before = len(runs)
-    model.chat(tok, "Hi", repetition_penalty=1.2, **GREEDY)
+    model.chat(tok, "Hi", no_repeat_ngram_size=2, **GREEDY)
     assert len(runs) == before
+
+
+def test_sampled_chat_and_stream_chat_match_generate(tiny_toks, monkeypatch, runs):  # noqa: F811
+    """chat()'s own sampling (the variant's top_p / temperature, generate()'s default top_k 50), same seed → the
+    same reply on both paths; also with a repetition penalty, streamed."""
+    tok = tiny_toks[cf.CHATGLM3]
+    model = model_for(tok)
+    replies = {}
+    for fast in (False, True):
+        monkeypatch.setenv(FAST_CHAT_ENV, "1" if fast else "0")
+        before = len(runs)
+        torch.manual_seed(11)
+        said = model.chat(tok, "Hello", max_new_tokens=12)
+        torch.manual_seed(12)
+        streamed = list(model.stream_chat(tok, "Hello", max_new_tokens=12, repetition_penalty=1.2))
+        assert len(runs) == before + 2 * fast
+        replies[fast] = said, streamed
+    assert replies[True] == replies[False]
 
 
 def _same_cache(a, b, layers: int) -> None:
@@ -168,7 +187,8 @@ def test_fast_chat_policy(monkeypatch):
     assert not fast_chat_wanted(model, request), "by default only on CUDA"
     monkeypatch.setenv(FAST_CHAT_ENV, "1")
     assert fast_chat_wanted(model, request) and fast_chat_wanted(model, {**request, "do_sample": True, "top_p": 0.8})
-    for unsupported in (dict(repetition_penalty=1.1), dict(num_beams=2), dict(logits_processor=LogitsProcessorList()),
+    assert fast_chat_wanted(model, {**request, "repetition_penalty": 1.1})
+    for unsupported in (dict(no_repeat_ngram_size=3), dict(num_beams=2), dict(logits_processor=LogitsProcessorList()),
                         dict(output_scores=True, return_dict_in_generate=True)):
         assert not fast_chat_wanted(model, {**request, **unsupported}), unsupported
     assert not fast_chat_wanted(tiny_model(seed=3, pre_seq_len=4), request), "prefix tuning"
