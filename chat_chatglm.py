@@ -1,13 +1,14 @@
 """Chat API of ChatGLM2 / ChatGLM3 models: ``chat``, ``stream_chat``, ``stream_generate``, ``batch_chat``,
 ``process_response``, ``build_inputs``, ``build_stream_inputs`` (mixed into ``ChatGLMForConditionalGeneration``).
 
-Prompts and reply parsing come from ``chat_format.py`` through the tokenizer. Tokens come from the fast path
-(``decoding_chatglm``: preallocated cache, fused or compiled step, CUDA graphs) where ``fast_chat_wanted`` says it
-serves the request — by default on CUDA, greedy or sampling, with or without a repetition penalty — and from transformers' own ``generate()``
-otherwise (beams, logits processors, stopping criteria, n-gram bans, prefix tuning, ...). On the generate()
-path ``stream_generate`` runs it in a background thread with a streamer that hands each step over in lock-step, so
-the cache a caller sees between two steps is not being written to; on the fast path the steps run in the caller's
-thread and the caller's cache is filled when the stream ends or is closed.
+Prompts and reply parsing come from ``chat_format.py`` through the tokenizer. Tokens come from our own decode loop
+(``decoding_chatglm``) where ``chat_cache_kind`` says it serves the request (greedy or sampling, top-k / top-p /
+temperature / repetition penalty): on CUDA the static decoder (preallocated cache, fused step, CUDA graphs), else a
+growing cache and the eager forward, both in the caller's thread. Anything else (beams, logits processors, stopping
+criteria, n-gram bans, prefix tuning, ...) goes to transformers' own ``generate()``; there ``stream_generate`` runs
+it in a background thread with a streamer that hands each step over in lock-step, so the cache a caller sees
+between two steps is not being written to. The static decoder fills the caller's cache when the stream ends or is
+closed; a growing run writes into it at every step.
 
 Shapes: ``input_ids`` / ``attention_mask`` / ``position_ids`` are ``[batch, seq]`` (left padded); the streamed ids
 are ``[batch, prompt + new]``. Histories: ChatGLM3 a list of message dicts, ChatGLM2 a list of ``[query, response]``.
@@ -42,7 +43,7 @@ from .chat_format import (
     validate_chatglm3_history,
 )
 from .compat_chatglm import CACHE_TYPES, cache_is_static, cache_length, crop_cache, new_dynamic_cache
-from .decoding_chatglm import FastPathBusy, fast_chat_wanted, fast_generate, fast_stream
+from .decoding_chatglm import FastPathBusy, chat_cache_kind, fast_generate, fast_stream
 
 logger = logging.get_logger(__name__)
 
@@ -275,12 +276,16 @@ class ChatGLMChatMixin:
                 "position_ids": positions.to(self.device)}
 
     def _generate_for_chat(self, request: Dict[str, Any]) -> Any:
-        """``generate(**request)``, on the fast path (decoding_chatglm) where ``fast_chat_wanted`` says so."""
-        if fast_chat_wanted(self, request):
+        """``generate(**request)``, by our own loop (decoding_chatglm) where ``chat_cache_kind`` says it serves it."""
+        kind = chat_cache_kind(self, request)
+        if kind == "static":
             try:
                 return fast_generate(self, **request)
             except FastPathBusy:
-                logger.info("chat: the fast path is busy (another thread or an open stream); using generate()")
+                logger.info("chat: the static decoder is busy (another thread or an open stream); using a growing cache")
+                kind = "growing"
+        if kind == "growing":
+            return fast_generate(self, cache_kind="growing", **request)
         return self.generate(**request)
 
     # ------------------------------------------------------------------------------------------ chat
@@ -414,10 +419,10 @@ class ChatGLMChatMixin:
                      generation_config: Optional[GenerationConfig], logits_processor: Any, kwargs: Dict[str, Any],
                      want_cache: bool, live_cache: bool
                      ) -> Optional[Tuple[torch.Tensor, Generator[torch.Tensor, None, None], Any]]:
-        """``stream_generate``'s request on the fast path → (the first step's new tokens [batch], the generator of
-        the next ones, the cache it fills), or None where that path does not serve it: a generation config, logits
+        """``stream_generate``'s request by our own loop → (the first step's new tokens [batch], the generator of
+        the next ones, the cache it fills), or None where the loop does not serve it: a generation config, logits
         processors or stopping criteria, a cache that is not a growing one holding the start of ``input_ids``, or
-        ``fast_chat_wanted`` says no."""
+        ``chat_cache_kind`` says no. A busy static decoder sends the request to a growing cache."""
         if generation_config is not None or logits_processor is not None or "stopping_criteria" in kwargs:
             return None
         cache = past_key_values
@@ -427,16 +432,19 @@ class ChatGLMChatMixin:
             return None
         optional = {"attention_mask": attention_mask, "position_ids": position_ids, "eos_token_id": eos_token_id}
         request = {"input_ids": input_ids, **{k: v for k, v in optional.items() if v is not None}, **kwargs}
-        if not fast_chat_wanted(self, request):
+        kind = chat_cache_kind(self, request)
+        if kind is None:
             return None
         if cache is None and want_cache:
             cache = new_dynamic_cache()
-        tokens = fast_stream(self, past_key_values=cache, live_cache=live_cache, **request)
+        tokens = fast_stream(self, past_key_values=cache, live_cache=live_cache, cache_kind=kind, **request)
         try:  # the first step takes the decoder (or finds it busy) and prefills
             first = next(tokens)
         except FastPathBusy:
-            logger.info("stream_generate: the fast path is busy (another thread or an open stream); using generate()")
-            return None
+            logger.info("stream_generate: the static decoder is busy (another thread or an open stream); using a "
+                        "growing cache")
+            tokens = fast_stream(self, past_key_values=cache, live_cache=live_cache, cache_kind="growing", **request)
+            first = next(tokens)
         return first, tokens, cache
 
     def _generate_in_thread(self, streamer: _StepStreamer, kwargs: Dict[str, Any]) -> None:

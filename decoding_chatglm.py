@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from transformers.utils import logging
 
-from .compat_chatglm import cache_layer, cache_length, generation_setting, kernel_device
+from .compat_chatglm import cache_layer, cache_length, generation_setting, kernel_device, new_dynamic_cache
 from .decode_kernels_chatglm import FusedDecodeStep, unsupported_reason
 
 logger = logging.get_logger(__name__)
@@ -29,7 +29,7 @@ FAST_PATH_KWARGS = frozenset({
     "use_cache",
     "num_beams", "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits",
 })
-FAST_CHAT_ENV = "CHATGLM_FAST_CHAT"  # 0: chat / stream_chat never take the fast path; 1: always where it can
+FAST_CHAT_ENV = "CHATGLM_FAST_CHAT"  # 0: chat methods on generate(); 1 / static, growing: that loop where it serves
 EOS_CHECK_EVERY = 16
 MAX_BANNED = 8  # end-of-sequence ids a greedy step can exclude inside its graph (min_new_tokens)
 
@@ -224,11 +224,12 @@ class FastPathBusy(RuntimeError):
 
 
 class DecodeRun:
-    """One fast-path generation: the request's settings (unset ones as generate() resolves them), a lease on
-    the model's decoder, the prompt prefilled into its cache, then `steps`. `close` gives the lease back.
+    """One generation by our own loop: the request's settings (unset ones as generate() resolves them), the prompt
+    prefilled, then `steps`; `close` ends it. Subclasses hold the keys/values: `StaticCacheRun` in the model's
+    preallocated decoder (compiled or fused step), `GrowingCacheRun` in a growing cache (the eager forward).
 
     `past_key_values`: a growing cache that holds the keys/values of the first k < n tokens of input_ids [b, n];
-    they are copied into the decoder's cache and only the rest of the prompt is computed.
+    only the rest of the prompt is computed.
     """
 
     def __init__(self, model: torch.nn.Module, input_ids: torch.LongTensor,
@@ -264,42 +265,31 @@ class DecodeRun:
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.attention_mask, self.position_ids = attention_mask, position_ids
-        self.held = self.exported = cache_length(past_key_values)
+        self.held = cache_length(past_key_values)
         if not 0 <= self.held < self.prompt_len:
             raise ValueError(f"past_key_values holds {self.held} positions; it must hold fewer than the "
                              f"{self.prompt_len} tokens of input_ids (their start)")
-        compile = device.type == "cuda" if compile is None else compile
         self.eos_tensor = torch.tensor(self.eos, device=device, dtype=torch.long) if self.eos else None
-        # greedy decoding stays on the device: the argmax (eos ids excluded before min_new_tokens) is in the step
-        self.greedy_in_graph = not self.do_sample and self.repetition_penalty == 1.0 and \
-            (self.eos_tensor is None or len(self.eos) <= MAX_BANNED)
         self.seen: Optional[torch.Tensor] = None  # [b, vocab]: ids in each row so far (for repetition_penalty)
         self.out = torch.full((batch, self.max_new_tokens), self.pad, dtype=torch.long, device=device)
         self.produced = 0
-        self.lock = _model_lock(model)
-        if not self.lock.acquire(blocking=False):
-            raise FastPathBusy("this model's fast path is in use by another generation (another thread, or a stream "
-                               "not yet finished or closed)")
-        try:
-            self.decoder = _decoder_for(model, batch, _capacity(model, self.prompt_len, self.max_new_tokens), compile)
-            self.logits = self._prefill(model, past_key_values)
-        except BaseException:
-            self.close()
-            raise
+        self.logits = self._open(model, past_key_values, device.type == "cuda" if compile is None else compile)
 
-    def _prefill(self, model: torch.nn.Module, past: Any) -> torch.Tensor:
-        """The prompt (after what `past` holds) into the decoder's cache → last-position logits [b, vocab] fp32."""
-        cache = self.decoder.cache
-        if self.held:
-            for layer_idx in range(len(cache.keys)):
-                key, value = cache_layer(past, layer_idx)
-                cache.keys[layer_idx][:, :, :self.held].copy_(key)
-                cache.values[layer_idx][:, :, :self.held].copy_(value)
-        cache.length = self.held
-        out = model(input_ids=self.input_ids[:, self.held:], attention_mask=self.attention_mask,
-                    position_ids=self.position_ids[:, self.held:], past_key_values=cache, use_cache=True,
-                    return_last_logit=True)
-        return out.logits[:, -1].float()
+    def _open(self, model: torch.nn.Module, past: Any, compile: bool) -> torch.Tensor:
+        """Take what the run needs, prefill the prompt after what `past` holds → last logits [b, vocab] fp32."""
+        raise NotImplementedError
+
+    def steps(self, stream: bool) -> Iterator[torch.Tensor]:
+        """Decode. stream: yield every step's new tokens [b] on the CPU (pad for rows that ended before) until every
+        row has produced an end-of-sequence id or the budget is spent; otherwise yield nothing."""
+        raise NotImplementedError
+
+    def export(self, cache: Any) -> None:
+        """Bring `cache` (the one the run started from) to what generate() would leave in it by now: the keys/values
+        of every token but the last one produced, the prompt included."""
+
+    def close(self) -> None:
+        """End the run (a stream closed early included), giving back what it holds."""
 
     def _pick(self, step: int) -> torch.Tensor:
         """The token of `step` from the last logits → [b, 1]. In generate()'s order: the repetition penalty on every
@@ -321,6 +311,54 @@ class DecodeRun:
         if self.seen is not None:
             self.seen.scatter_(1, token, True)
         return token
+
+    def sequences(self) -> torch.LongTensor:
+        """input_ids followed by the new tokens [b, n + new], as generate() returns them: pad after each row's end,
+        cut where the last row ended."""
+        out = self.out[:, :self.produced]
+        if self.eos_tensor is not None:
+            hit = torch.isin(out, self.eos_tensor)
+            out = out.masked_fill(hit.long().cumsum(-1) - hit.long() > 0, self.pad)
+            if bool(hit.any(-1).all()):
+                out = out[:, :int(hit.float().argmax(-1).max()) + 1]
+        return torch.cat([self.input_ids, out], dim=1)
+
+
+class StaticCacheRun(DecodeRun):
+    """A run on the model's `CompiledDecoder` (preallocated cache; compiled, fused or eager step), held under a
+    per-model lock: FastPathBusy while another run has it. The prompt goes into the decoder's cache after a copy of
+    what `past_key_values` holds; `export` appends the new positions to that cache."""
+
+    def _open(self, model: torch.nn.Module, past: Any, compile: bool) -> torch.Tensor:
+        self.exported = self.held  # positions of the caller's cache that hold what this run computed
+        # greedy decoding stays on the device: the argmax (eos ids excluded before min_new_tokens) is in the step
+        self.greedy_in_graph = not self.do_sample and self.repetition_penalty == 1.0 and \
+            (self.eos_tensor is None or len(self.eos) <= MAX_BANNED)
+        self.lock = _model_lock(model)
+        if not self.lock.acquire(blocking=False):
+            raise FastPathBusy("this model's fast path is in use by another generation (another thread, or a stream "
+                               "not yet finished or closed)")
+        try:
+            self.decoder = _decoder_for(model, self.out.shape[0], _capacity(model, self.prompt_len,
+                                                                            self.max_new_tokens), compile)
+            return self._prefill(model, past)
+        except BaseException:
+            self.close()
+            raise
+
+    def _prefill(self, model: torch.nn.Module, past: Any) -> torch.Tensor:
+        """The prompt (after what `past` holds) into the decoder's cache → last-position logits [b, vocab] fp32."""
+        cache = self.decoder.cache
+        if self.held:
+            for layer_idx in range(len(cache.keys)):
+                key, value = cache_layer(past, layer_idx)
+                cache.keys[layer_idx][:, :, :self.held].copy_(key)
+                cache.values[layer_idx][:, :, :self.held].copy_(value)
+        cache.length = self.held
+        out = model(input_ids=self.input_ids[:, self.held:], attention_mask=self.attention_mask,
+                    position_ids=self.position_ids[:, self.held:], past_key_values=cache, use_cache=True,
+                    return_last_logit=True)
+        return out.logits[:, -1].float()
 
     def steps(self, stream: bool) -> Iterator[torch.Tensor]:
         """Decode. Each step launches the next one before the host looks at its token, so the GPU keeps working.
@@ -365,21 +403,9 @@ class DecodeRun:
                 self.produced = step + 1
                 return
 
-    def sequences(self) -> torch.LongTensor:
-        """input_ids followed by the new tokens [b, n + new], as generate() returns them: pad after each row's end,
-        cut where the last row ended."""
-        out = self.out[:, :self.produced]
-        if self.eos_tensor is not None:
-            hit = torch.isin(out, self.eos_tensor)
-            out = out.masked_fill(hit.long().cumsum(-1) - hit.long() > 0, self.pad)
-            if bool(hit.any(-1).all()):
-                out = out[:, :int(hit.float().argmax(-1).max()) + 1]
-        return torch.cat([self.input_ids, out], dim=1)
-
     def export(self, cache: Any) -> None:
-        """Bring `cache` (the one the run started from) to what generate() would leave in it by now: the keys/values
-        of every token but the last one produced, the prompt included. Only new positions are appended; a cache
-        that changed meanwhile (another generation extended it) is left alone."""
+        """Only new positions are appended; a cache that changed meanwhile (another generation extended it) is left
+        alone."""
         length = self.prompt_len + self.produced - 1
         if length <= self.exported:
             return
@@ -398,6 +424,45 @@ class DecodeRun:
             decoder.cache.length = 0
         if self.lock.locked():
             self.lock.release()
+
+
+class GrowingCacheRun(DecodeRun):
+    """A run on a growing cache (the caller's `past_key_values`, else a new one) with the model's eager forward, one
+    step at a time in the caller's thread: nothing preallocated and nothing shared, so no lock. For CPU and for
+    requests the static decoder does not take (batch or cache size, the decoder busy). Rows that ended are fed pad,
+    and the cache holds every token but the last one produced, as generate() leaves them."""
+
+    def _open(self, model: torch.nn.Module, past: Any, compile: bool) -> torch.Tensor:
+        self.model = model
+        self.cache = new_dynamic_cache() if past is None else past
+        out = model(input_ids=self.input_ids[:, self.held:], attention_mask=self.attention_mask,
+                    position_ids=self.position_ids[:, self.held:], past_key_values=self.cache, use_cache=True,
+                    return_last_logit=True)
+        return out.logits[:, -1].float()
+
+    def steps(self, stream: bool) -> Iterator[torch.Tensor]:
+        """Each token is fed to the model when the next one is asked for, so a stream closed after step k leaves the
+        cache without token k."""
+        batch = self.out.shape[0]
+        ended = torch.zeros(batch, 1, dtype=torch.bool, device=self.out.device)
+        mask, position = self.attention_mask, self.position_ids[:, -1:]
+        for step in range(self.max_new_tokens):
+            token = self._pick(step).masked_fill(ended, self.pad)
+            self.out[:, step:step + 1] = token
+            self.produced = step + 1
+            if stream:
+                yield token.view(-1).cpu()
+            if self.eos_tensor is not None:
+                ended |= torch.isin(token, self.eos_tensor)
+                if bool(ended.all()):
+                    return
+            if step == self.max_new_tokens - 1:
+                return
+            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)
+            position = position + 1
+            out = self.model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=self.cache,
+                             use_cache=True)
+            self.logits = out.logits[:, -1].float()
 
 
 class HostCopy:
@@ -423,16 +488,18 @@ class HostCopy:
 
 
 @torch.no_grad()
-def fast_generate(model: torch.nn.Module, input_ids: torch.LongTensor, **kwargs: Any) -> torch.LongTensor:
+def fast_generate(model: torch.nn.Module, input_ids: torch.LongTensor, cache_kind: str = "static",
+                  **kwargs: Any) -> torch.LongTensor:
     """Greedy or sampled decoding of a (left-padded) batch [b, n] → sequences [b, n + new], like generate().
 
     Keyword arguments: attention_mask, position_ids, max_new_tokens / max_length, min_new_tokens, do_sample,
     temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id (unset ones as generate() sets them:
     from `model.generation_config`, else transformers' defaults such as top_k 50; after a row's end-of-sequence
     token it receives pad_token_id), and `compile`, True by default on CUDA (False runs the same static-cache step
-    eagerly). Others are ignored. FastPathBusy while another run holds the decoder.
+    eagerly). Others are ignored. cache_kind "static": the model's preallocated decoder (FastPathBusy while another
+    run holds it); "growing": a growing cache and the eager forward (`GrowingCacheRun`).
     """
-    run = DecodeRun(model, input_ids, **kwargs)
+    run = _run_class(cache_kind)(model, input_ids, **kwargs)
     try:
         for _ in run.steps(stream=False):
             pass
@@ -443,14 +510,15 @@ def fast_generate(model: torch.nn.Module, input_ids: torch.LongTensor, **kwargs:
 
 @torch.no_grad()
 def fast_stream(model: torch.nn.Module, input_ids: torch.LongTensor, past_key_values: Any = None,
-                live_cache: bool = False, **kwargs: Any) -> Iterator[torch.LongTensor]:
+                live_cache: bool = False, cache_kind: str = "static", **kwargs: Any) -> Iterator[torch.LongTensor]:
     """`fast_generate` one step at a time: yields each step's new tokens [b] (CPU; pad for rows already ended).
 
     With `past_key_values` (a growing cache holding the start of input_ids, possibly nothing), only the rest of
     the prompt is computed, and once the stream ends or is closed the cache holds the keys/values of every token
     but the last one yielded, as generate() leaves it; with `live_cache` it is brought up to date before every
-    yield (for callers that read it between steps: a growing cache's appends cost time at long contexts)."""
-    run = DecodeRun(model, input_ids, past_key_values=past_key_values, **kwargs)
+    yield (for callers that read it between steps: a growing cache's appends cost time at long contexts). A
+    "growing" run writes into that cache itself and keeps it current at every step."""
+    run = _run_class(cache_kind)(model, input_ids, past_key_values=past_key_values, **kwargs)
     try:
         for tokens in run.steps(stream=True):
             if live_cache and past_key_values is not None:
@@ -464,20 +532,37 @@ def fast_stream(model: torch.nn.Module, input_ids: torch.LongTensor, past_key_va
             run.close()
 
 
-def fast_chat_wanted(model: torch.nn.Module, request: dict) -> bool:
-    """Whether chat / batch_chat / stream_chat run `request` (generate()'s keyword arguments, inputs included) here.
+def _run_class(cache_kind: str) -> type:
+    runs = {"static": StaticCacheRun, "growing": GrowingCacheRun}
+    if cache_kind not in runs:
+        raise ValueError(f"cache_kind must be one of {sorted(runs)}, got {cache_kind!r}")
+    return runs[cache_kind]
 
-    CHATGLM_FAST_CHAT=0: never; =1: wherever `fast_path_supports` says it can (CPU included: the eager step).
-    Default: on CUDA where the fused Triton step serves the batch (nothing to compile but its kernels, cached on
-    disk) and a cache for prompt + budget fits in the free GPU memory."""
+
+def chat_cache_kind(model: torch.nn.Module, request: dict) -> Optional[str]:
+    """How chat / batch_chat / stream_chat decode `request` (generate()'s keyword arguments, inputs included):
+    "static" (`StaticCacheRun`), "growing" (`GrowingCacheRun`), or None (transformers' generate(): beams, logits
+    processors, stopping criteria, prefix tuning, ...).
+
+    CHATGLM_FAST_CHAT=0: None; =1 (or "static"): "static" wherever `fast_path_supports` says the loop serves the
+    request (CPU included: the eager step); ="growing": "growing" there. Default: "static" on CUDA where the fused
+    Triton step serves the batch (nothing to compile but its kernels, cached on disk) and a cache for prompt +
+    budget fits in the free GPU memory; "growing" for the other requests the loop serves (CPU among them: nothing
+    preallocated there, and no thread)."""
     setting = os.environ.get(FAST_CHAT_ENV, "").strip().lower()
     if setting in ("0", "false", "no", "off"):
-        return False
-    request = {**request, "cache_implementation": "static"}
-    if not fast_path_supports(model, request):
-        return False
-    if setting in ("1", "true", "yes", "on"):
-        return True
+        return None
+    if not fast_path_supports(model, {**request, "cache_implementation": "static"}):
+        return None
+    if setting in ("1", "true", "yes", "on", "static"):
+        return "static"
+    if setting == "growing":
+        return "growing"
+    return "static" if _static_decoder_fits(model, request) else "growing"
+
+
+def _static_decoder_fits(model: torch.nn.Module, request: dict) -> bool:
+    """On CUDA: the fused step serves the batch and its decoder, for prompt + budget, exists or fits in memory."""
     batch, prompt_len = request["input_ids"].shape
     if model.device.type != "cuda" or unsupported_reason(model, batch) is not None:
         return False

@@ -17,6 +17,7 @@ from conftest import GOLDEN, TOKENIZER_MODEL, require_shared, tiny_config, tiny_
 from test_tokenizer import load, make_dir, our_config, tiny_model_file  # noqa: F401  (tiny_model_file: fixture)
 from chatglm import chat_format as cf
 from chatglm.chat_chatglm import CACHE_IDS_ATTR
+from chatglm.decoding_chatglm import FAST_CHAT_ENV
 from chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
 from chatglm.tokenization_chatglm import ChatGLMTokenizer
 
@@ -54,6 +55,16 @@ def toks(request, tiny_toks) -> Dict[str, Any]:
     return tiny_toks if request.param == "tiny" else request.getfixturevalue("real_toks")
 
 
+@pytest.fixture(params=["loop", "generate"])
+def path(request, monkeypatch) -> str:
+    """Which decoding serves the chat methods: our own loop (the default; on CPU a growing cache) or generate()."""
+    if request.param == "loop":
+        monkeypatch.delenv(FAST_CHAT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(FAST_CHAT_ENV, "0")
+    return request.param
+
+
 @pytest.fixture(params=cf.FAMILIES)
 def family(request) -> str:
     return request.param
@@ -74,9 +85,11 @@ def reference_reply(model, tok, ids: List[int], **kwargs) -> List[int]:
 
 
 class Spy:
-    """Wraps model.generate, recording its keyword arguments (and optionally replacing its output)."""
+    """Wraps model.generate, recording its keyword arguments (and optionally replacing its output); chat requests go
+    to generate() while it is in place (not to our own decode loop)."""
 
     def __init__(self, model, monkeypatch, reply: List[int] = None):
+        monkeypatch.setenv(FAST_CHAT_ENV, "0")
         self.calls: List[Dict[str, Any]] = []
         original = model.generate
 
@@ -241,7 +254,7 @@ def test_too_long(tiny_toks, family):
 
 
 # ------------------------------------------------------------------------------------------------ stream_chat
-def test_stream_chat_matches_chat(toks, family):
+def test_stream_chat_matches_chat(toks, family, path):
     tok = toks[family]
     model = model_for(tok)
     history = history_for(family)
@@ -257,7 +270,7 @@ def test_stream_chat_matches_chat(toks, family):
     assert [item[:2] for item in with_cache] == items and all(len(item) == 3 for item in with_cache)
 
 
-def test_stream_chat_cache_reuse_equals_recompute(toks, family):
+def test_stream_chat_cache_reuse_equals_recompute(toks, family, path):
     tok = toks[family]
     model = model_for(tok)
     kwargs = dict(do_sample=False, max_new_tokens=8)
@@ -304,7 +317,7 @@ def unused_eos(model, inputs, steps: int) -> int:
         eos = next(i for i in range(3, 10**6) if i not in new)
 
 
-def test_stream_generate_cumulative_ids(toks, family):
+def test_stream_generate_cumulative_ids(toks, family, path):
     tok = toks[family]
     model = model_for(tok)
     inputs = _prompt(tok)
@@ -335,7 +348,7 @@ def test_stream_generate_cumulative_ids(toks, family):
     assert got == generated[:cut]
 
 
-def test_stream_generate_cache_and_unknown_kwargs(tiny_toks):
+def test_stream_generate_cache_and_unknown_kwargs(tiny_toks, path):
     tok = tiny_toks[cf.CHATGLM3]
     model = model_for(tok)
     inputs = _prompt(tok)
@@ -362,7 +375,7 @@ def test_stream_generate_cache_and_unknown_kwargs(tiny_toks):
     assert torch.equal(official[-1][0, :3], more[0]) and torch.equal(official[-1][0, 3:], reference[0, full.shape[1]:])
 
 
-def test_stream_generate_early_stop_and_errors(tiny_toks):
+def test_stream_generate_early_stop_and_errors(tiny_toks, path):
     tok = tiny_toks[cf.CHATGLM3]
     model = model_for(tok)
     inputs = _prompt(tok)
@@ -395,7 +408,7 @@ def test_stream_generate_early_stop_and_errors(tiny_toks):
 
 
 # ------------------------------------------------------------------------------------------------ batch_chat
-def test_batch_chat_equals_one_by_one(toks, family):
+def test_batch_chat_equals_one_by_one(toks, family, path):
     tok = toks[family]
     model = model_for(tok)
     queries = ["Hi", "What is the capital of France, and why is it famous?", "你好，请介绍一下你自己"]

@@ -1,10 +1,11 @@
-"""chat / batch_chat / stream_chat / stream_generate on the fast path (decoding_chatglm) give what they give on
-transformers' generate(): the same replies, the same streamed steps, and a cache to pass back that holds the same
-keys/values.
+"""chat / batch_chat / stream_chat / stream_generate by our own decode loop (decoding_chatglm) give what they give
+on transformers' generate(): the same replies (greedy, and sampled under the same seed), the same streamed steps,
+and a cache to pass back that holds the same keys/values.
 
-CHATGLM_FAST_CHAT=1 sends them to the fast path on CPU too (its eager static-cache step), =0 to generate(); the
-float64 tiny model of test_chat makes greedy ties impossible, so the two must agree exactly. The default (fast on
-CUDA only) is checked on a GPU where there is one.
+Each test runs both loops: "static" (CHATGLM_FAST_CHAT=1: the preallocated decoder, its eager step on CPU) and
+"growing" (the default on CPU: a growing cache, the eager forward); CHATGLM_FAST_CHAT=0 gives generate(). The
+float64 tiny model of test_chat makes greedy ties impossible, so they must agree exactly. The default on CUDA (the
+fused static decoder) is checked on a GPU where there is one.
 """
 from __future__ import annotations
 
@@ -21,9 +22,24 @@ from test_tokenizer import tiny_model_file  # noqa: F401  (fixture)
 from chatglm import chat_format as cf
 from chatglm.chat_chatglm import CACHE_IDS_ATTR
 from chatglm.compat_chatglm import cache_layer, cache_length
-from chatglm.decoding_chatglm import FAST_CHAT_ENV, DecodeRun, FastPathBusy, fast_chat_wanted
+from chatglm.decoding_chatglm import (FAST_CHAT_ENV, DecodeRun, FastPathBusy, GrowingCacheRun, StaticCacheRun,
+                                      chat_cache_kind)
 
 GREEDY = dict(do_sample=False, max_new_tokens=7)
+LOOPS = {"static": StaticCacheRun, "growing": GrowingCacheRun}
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def loop(request) -> str:
+    return request.param
+
+
+def use(monkeypatch, loop: str) -> None:
+    """Send chat requests to our `loop` ("static", "growing") or, for "generate", to transformers' generate()."""
+    if loop == "growing":
+        monkeypatch.delenv(FAST_CHAT_ENV, raising=False)  # the default on CPU
+    else:
+        monkeypatch.setenv(FAST_CHAT_ENV, "1" if loop == "static" else "0")
 
 
 @pytest.fixture
@@ -40,42 +56,47 @@ def runs(monkeypatch) -> List[DecodeRun]:
     return started
 
 
-def test_chat_and_batch_chat_match_generate(tiny_toks, family, monkeypatch, runs):  # noqa: F811
+def _ran(runs: List[DecodeRun], before: int, count: int, loop: str) -> bool:
+    """`count` runs of `loop`'s kind started since there were `before`."""
+    return len(runs) == before + count and all(type(run) is LOOPS[loop] for run in runs[before:])
+
+
+def test_chat_and_batch_chat_match_generate(tiny_toks, family, loop, monkeypatch, runs):  # noqa: F811
     tok = tiny_toks[family]
     model = model_for(tok)
     queries = ["Hi", "What is the capital of France, and why is it famous?", "你好，请介绍一下你自己"]
     histories = [None, history_for(family), None]
     results = {}
-    for fast in (False, True):
-        monkeypatch.setenv(FAST_CHAT_ENV, "1" if fast else "0")
+    for path in ("generate", loop):
+        use(monkeypatch, path)
         before = len(runs)
-        results[fast] = (model.chat(tok, "What is the weather like?", history_for(family), **GREEDY),
+        results[path] = (model.chat(tok, "What is the weather like?", history_for(family), **GREEDY),
                          model.batch_chat(tok, queries, histories, do_sample=False, max_length=120),
                          model.chat(tok, "Hi", repetition_penalty=1.3, **GREEDY))
-        assert len(runs) == before + 3 * fast
-    assert results[True] == results[False]
-    # what the fast path lacks goes to generate()
+        assert _ran(runs, before, 0 if path == "generate" else 3, loop)
+    assert results[loop] == results["generate"]
+    # what the loop lacks goes to generate()
     before = len(runs)
     model.chat(tok, "Hi", no_repeat_ngram_size=2, **GREEDY)
     assert len(runs) == before
 
 
-def test_sampled_chat_and_stream_chat_match_generate(tiny_toks, monkeypatch, runs):  # noqa: F811
+def test_sampled_chat_and_stream_chat_match_generate(tiny_toks, loop, monkeypatch, runs):  # noqa: F811
     """chat()'s own sampling (the variant's top_p / temperature, generate()'s default top_k 50), same seed → the
     same reply on both paths; also with a repetition penalty, streamed."""
     tok = tiny_toks[cf.CHATGLM3]
     model = model_for(tok)
     replies = {}
-    for fast in (False, True):
-        monkeypatch.setenv(FAST_CHAT_ENV, "1" if fast else "0")
+    for path in ("generate", loop):
+        use(monkeypatch, path)
         before = len(runs)
         torch.manual_seed(11)
         said = model.chat(tok, "Hello", max_new_tokens=12)
         torch.manual_seed(12)
         streamed = list(model.stream_chat(tok, "Hello", max_new_tokens=12, repetition_penalty=1.2))
-        assert len(runs) == before + 2 * fast
-        replies[fast] = said, streamed
-    assert replies[True] == replies[False]
+        assert _ran(runs, before, 0 if path == "generate" else 2, loop)
+        replies[path] = said, streamed
+    assert replies[loop] == replies["generate"]
 
 
 def _same_cache(a, b, layers: int) -> None:
@@ -85,13 +106,13 @@ def _same_cache(a, b, layers: int) -> None:
             torch.testing.assert_close(x, y)
 
 
-def test_stream_chat_matches_generate_and_reuses_the_cache(tiny_toks, family, monkeypatch, runs):  # noqa: F811
+def test_stream_chat_matches_generate_and_reuses_the_cache(tiny_toks, family, loop, monkeypatch, runs):  # noqa: F811
     tok = tiny_toks[family]
     model = model_for(tok)
     kwargs = dict(do_sample=False, max_new_tokens=8)
     seen = {}
     for fast in (False, True):
-        monkeypatch.setenv(FAST_CHAT_ENV, "1" if fast else "0")
+        use(monkeypatch, loop if fast else "generate")
         before = len(runs)
         first = list(model.stream_chat(tok, "Hello", return_past_key_values=True, **kwargs))
         lengths, handle = forward_lengths(model)
@@ -100,7 +121,7 @@ def test_stream_chat_matches_generate_and_reuses_the_cache(tiny_toks, family, mo
                                             return_past_key_values=True, **kwargs))
         finally:
             handle.remove()
-        assert len(runs) == before + 2 * fast
+        assert _ran(runs, before, 2 * fast, loop)
         seen[fast] = [item[:2] for item in first], [item[:2] for item in second], lengths[0], second[-1][2]
     assert seen[True][:3] == seen[False][:3], "same replies, and the second turn prefills the same new tokens"
     _same_cache(seen[True][3], seen[False][3], model.config.num_layers)
@@ -113,20 +134,20 @@ def test_stream_chat_matches_generate_and_reuses_the_cache(tiny_toks, family, mo
     assert cache_length(partial) == len(getattr(partial, CACHE_IDS_ATTR)) - 1
     *_, last = model.stream_chat(tok, "Goodbye", history, past_key_values=partial, return_past_key_values=True,
                                  **kwargs)
-    monkeypatch.setenv(FAST_CHAT_ENV, "0")
+    use(monkeypatch, "generate")
     assert last[:2] == model.chat(tok, "Goodbye", history, **kwargs)
 
 
-def test_stream_generate_on_the_fast_path(tiny_toks, monkeypatch, runs):  # noqa: F811
+def test_stream_generate_by_our_loop(tiny_toks, loop, monkeypatch, runs):  # noqa: F811
     tok = tiny_toks[cf.CHATGLM3]
     model = model_for(tok)
     inputs = _prompt(tok)
     never = unused_eos(model, inputs, 6)
     request = dict(max_new_tokens=6, do_sample=False)
     expected = model.generate(**inputs, eos_token_id=never, pad_token_id=0, **request)
-    monkeypatch.setenv(FAST_CHAT_ENV, "1")
+    use(monkeypatch, loop)
     steps = list(model.stream_generate(**inputs, eos_token_id=never, **request))
-    assert len(runs) == 1 and len(steps) == 6 and torch.equal(steps[-1], expected)
+    assert _ran(runs, 0, 1, loop) and len(steps) == 6 and torch.equal(steps[-1], expected)
     # stops at (and includes) an end-of-sequence id
     eos = int(expected[0, -3])
     stopped = list(model.stream_generate(**inputs, eos_token_id=[never, eos], **request))
@@ -159,41 +180,49 @@ def test_a_cache_changed_during_a_fast_stream_is_not_overwritten(tiny_toks, monk
     assert cache_length(cache) == held + 3
 
 
-def test_a_busy_fast_path_sends_other_requests_to_generate(tiny_toks, monkeypatch, runs):  # noqa: F811
+def test_a_busy_static_decoder_sends_other_requests_to_a_growing_cache(tiny_toks, monkeypatch, runs):  # noqa: F811
     tok = tiny_toks[cf.CHATGLM3]
     model = model_for(tok)
     inputs = _prompt(tok)
     never = unused_eos(model, inputs, 6)
     request = dict(max_new_tokens=6, do_sample=False, eos_token_id=never)
-    monkeypatch.setenv(FAST_CHAT_ENV, "1")
+    use(monkeypatch, "static")
     stream = model.stream_generate(**inputs, **request)
     next(stream)
     with pytest.raises(FastPathBusy):
         model.fast_generate(inputs["input_ids"], **request)
-    reply = model.chat(tok, "Hi", **GREEDY)  # on generate() while the stream holds the decoder
-    assert len(runs) == 1
+    reply = model.chat(tok, "Hi", **GREEDY)  # while the stream holds the decoder
+    other = list(model.stream_generate(**inputs, **request))
+    assert _ran(runs, 1, 2, "growing")
     rest = list(stream)
-    assert torch.equal(rest[-1], model.generate(**inputs, pad_token_id=0, **request))
-    monkeypatch.setenv(FAST_CHAT_ENV, "0")
+    expected = model.generate(**inputs, pad_token_id=0, **request)
+    assert torch.equal(rest[-1], expected) and torch.equal(other[-1], expected)
+    use(monkeypatch, "generate")
     assert reply == model.chat(tok, "Hi", **GREEDY)
     model.fast_generate(inputs["input_ids"], **request)  # free again once the stream ended
-    assert len(runs) == 2
+    assert _ran(runs, 3, 1, "static")
 
 
-def test_fast_chat_policy(monkeypatch):
+def test_chat_cache_kind_policy(monkeypatch):
     model = tiny_model(seed=3).double()
     request = dict(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=3, do_sample=False)
+    sampled = {**request, "do_sample": True, "top_p": 0.8, "repetition_penalty": 1.1}
     monkeypatch.delenv(FAST_CHAT_ENV, raising=False)
-    assert not fast_chat_wanted(model, request), "by default only on CUDA"
-    monkeypatch.setenv(FAST_CHAT_ENV, "1")
-    assert fast_chat_wanted(model, request) and fast_chat_wanted(model, {**request, "do_sample": True, "top_p": 0.8})
-    assert fast_chat_wanted(model, {**request, "repetition_penalty": 1.1})
-    for unsupported in (dict(no_repeat_ngram_size=3), dict(num_beams=2), dict(logits_processor=LogitsProcessorList()),
-                        dict(output_scores=True, return_dict_in_generate=True)):
-        assert not fast_chat_wanted(model, {**request, **unsupported}), unsupported
-    assert not fast_chat_wanted(tiny_model(seed=3, pre_seq_len=4), request), "prefix tuning"
+    assert chat_cache_kind(model, request) == chat_cache_kind(model, sampled) == "growing", "CPU: a growing cache"
+    for setting, kind in (("1", "static"), ("static", "static"), ("growing", "growing")):
+        monkeypatch.setenv(FAST_CHAT_ENV, setting)
+        assert chat_cache_kind(model, request) == chat_cache_kind(model, sampled) == kind
+    for setting in ("1", ""):
+        monkeypatch.setenv(FAST_CHAT_ENV, setting)
+        for unsupported in (dict(no_repeat_ngram_size=3), dict(num_beams=2),
+                            dict(logits_processor=LogitsProcessorList()),
+                            dict(output_scores=True, return_dict_in_generate=True)):
+            assert chat_cache_kind(model, {**request, **unsupported}) is None, unsupported
+        assert chat_cache_kind(tiny_model(seed=3, pre_seq_len=4), request) is None, "prefix tuning"
     monkeypatch.setenv(FAST_CHAT_ENV, "0")
-    assert not fast_chat_wanted(model, request)
+    assert chat_cache_kind(model, request) is None
+    with pytest.raises(ValueError, match="cache_kind must be one of"):
+        model.fast_generate(request["input_ids"], cache_kind="paged")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the default policy)")
@@ -216,3 +245,14 @@ def test_cuda_chat_takes_the_fused_fast_path_by_default(tiny_toks, monkeypatch, 
     *_, (response2, _, _) = model.stream_chat(tok, "More", history, past_key_values=cache,
                                               return_past_key_values=True, **kwargs)
     assert len(runs) == 3 and isinstance(response2, (str, dict))
+    # the growing loop on CUDA runs the eager forward as generate() does: the same tokens greedy in a padded batch,
+    # and sampled under one seed (one row: transformers < 5.23 also penalizes left padding)
+    batch = tok(["Hello", "Count to ten, slowly"], return_tensors="pt", padding=True).to("cuda")
+    one = tok(["Count to ten, slowly"], return_tensors="pt").to("cuda")
+    for inputs, settings in ((batch, dict(do_sample=False)),
+                             (one, dict(do_sample=True, top_p=0.8, repetition_penalty=1.2))):
+        out = []
+        for generate in (model.generate, lambda **kw: model.fast_generate(cache_kind="growing", **kw)):
+            torch.manual_seed(3)
+            out.append(generate(**inputs, max_new_tokens=10, eos_token_id=None, pad_token_id=0, **settings))
+        assert torch.equal(out[1], out[0]), settings

@@ -9,7 +9,8 @@ over the peer's. Weights are random at the variant's real shape unless --tiny. D
 Long prefills (--long-prefill) also report the mean SM clock and board power while they ran (`gpu`): at 131072
 tokens an H200 runs at its power limit, so the clock, not the kernels' peak rate, sets the time. With
 --prefill-piece the long prefill is fed in pieces into one cache (a chunked prefill). --chat times replies through
-chat() and stream_chat() (needs the real tokenizer.model: --tokenizer), on the fast path and on generate().
+chat() and stream_chat() (needs the real tokenizer.model: --tokenizer), by our own decode loop (`cache_kind`: the
+static decoder on CUDA, a growing cache on CPU) and on generate().
 """
 from __future__ import annotations
 
@@ -163,13 +164,18 @@ def chat_query(tok, tokens: int) -> str:
 
 def measure_chat(name: str, model, tok, args, kind: str) -> dict:
     """Decode tok/s of a chat reply of --new tokens (sampled, chat()'s defaults), excluding prefill: kind "chat" or
-    "stream_chat" (ours; "fast" or "generate" path by CHATGLM_FAST_CHAT), "generate" (the peer, same prompt ids)."""
+    "stream_chat" (ours; our loop or generate() by CHATGLM_FAST_CHAT), "generate" (the peer, same prompt ids)."""
     query = chat_query(tok, args.prompt)
     ids = tok.build_chat_input(query)["input_ids"].to(args.device)
+    sampling = {**CHAT_SAMPLING, "repetition_penalty": args.repetition_penalty}
     result = {"system": name, "kind": kind, "prompt_tokens": ids.shape[1]}
+    if name == "ours":  # which decoding serves it: "static", "growing", or None (generate())
+        from chatglm.decoding_chatglm import chat_cache_kind
+
+        result["cache_kind"] = chat_cache_kind(model, dict(input_ids=ids, max_new_tokens=args.new, **sampling))
 
     def run(new: int):
-        budget = dict(max_new_tokens=new, min_new_tokens=new, **CHAT_SAMPLING)
+        budget = dict(max_new_tokens=new, min_new_tokens=new, **sampling)
         if kind == "chat":
             return lambda: model.chat(tok, query, **budget)
         if kind == "stream_chat":
@@ -189,7 +195,7 @@ def measure_chat(name: str, model, tok, args, kind: str) -> dict:
 
 
 def bench_chat(model, args, report: dict) -> None:
-    """--chat: ours through chat() and stream_chat() on the fast path and on generate(), the peer's generate()."""
+    """--chat: ours through chat() and stream_chat() by our own loop and on generate(), the peer's generate()."""
     import os
 
     from chatglm.decoding_chatglm import FAST_CHAT_ENV
@@ -197,7 +203,9 @@ def bench_chat(model, args, report: dict) -> None:
 
     tok = load_tokenizer(args.tokenizer)
     results = report["results"]
-    for path, setting in (("fast", None), ("generate", "0")):
+    paths = [("loop", None)] + ([("growing", "growing")] if args.device.startswith("cuda") else []) + \
+        [("generate", "0")]
+    for path, setting in paths:
         if setting is None:
             os.environ.pop(FAST_CHAT_ENV, None)
         else:
@@ -268,6 +276,8 @@ def main() -> None:
                         help="instead of generate(): chat() and stream_chat() replies of --new sampled tokens")
     parser.add_argument("--tokenizer", default=str(REPO.parent / "shared" / "assets" / "tokenizer"),
                         help="with --chat: the real tokenizer.model, or a folder holding it")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="with --chat: sample with this repetition penalty (ours and the peer)")
     parser.add_argument("--capacity", type=int, default=0,
                         help="fast path: preallocate its cache for this many positions first (chat() preallocates "
                              "prompt + budget, up to the variant's max_length)")
