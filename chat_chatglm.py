@@ -4,10 +4,10 @@
 Prompts and reply parsing come from ``chat_format.py`` through the tokenizer. Tokens come from our own decode loop
 (``decoding_chatglm``) where ``chat_cache_kind`` says it serves the request (greedy or sampling, top-k / top-p /
 temperature / repetition penalty): on CUDA the static decoder (preallocated cache, fused step, CUDA graphs), else a
-growing cache and the eager forward, both in the caller's thread. Anything else (beams, logits processors, stopping
-criteria, n-gram bans, prefix tuning, ...) goes to transformers' own ``generate()``; there ``stream_generate`` runs
-it in a background thread with a streamer that hands each step over in lock-step, so the cache a caller sees
-between two steps is not being written to. The static decoder fills the caller's cache when the stream ends or is
+growing cache and the eager forward (P-tuning models too), both in the caller's thread. Anything else (beams,
+logits processors, stopping criteria, n-gram bans, ...) goes to transformers' own ``generate()``; there
+``stream_generate`` runs it in a background thread with a streamer that hands each step over in lock-step, so the
+cache a caller sees between two steps is not being written to. The static decoder fills the caller's cache when the stream ends or is
 closed; a growing run writes into it at every step.
 
 Shapes: ``input_ids`` / ``attention_mask`` / ``position_ids`` are ``[batch, seq]`` (left padded); the streamed ids
@@ -427,7 +427,7 @@ class ChatGLMChatMixin:
             return None
         cache = past_key_values
         if cache is not None and (not isinstance(cache, CACHE_TYPES) or cache_is_static(cache)
-                                  or cache_length(cache) >= input_ids.shape[1]
+                                  or cache_length(cache) - (self.config.pre_seq_len or 0) >= input_ids.shape[1]
                                   or (attention_mask is not None and attention_mask.shape[1] != input_ids.shape[1])):
             return None
         optional = {"attention_mask": attention_mask, "position_ids": position_ids, "eos_token_id": eos_token_id}

@@ -75,16 +75,22 @@ class StaticKVCache:
 
 
 def fast_path_supports(model: torch.nn.Module, kwargs: dict) -> bool:
-    """Whether `generate(**kwargs)` can run on `fast_generate` with the same result."""
-    if kwargs.get("cache_implementation") != "static" or not set(kwargs) <= FAST_PATH_KWARGS:
+    """Whether `generate(**kwargs)` can run on `fast_generate` (the static decoder) with the same result."""
+    return kwargs.get("cache_implementation") == "static" and loop_serves(model, kwargs) and \
+        not model.config.pre_seq_len
+
+
+def loop_serves(model: torch.nn.Module, kwargs: dict) -> bool:
+    """Whether our decode loop gives what `generate(**kwargs)` gives: greedy or sampling with the settings it
+    knows, one sequence per row, no scores; an inference model. (The static decoder also needs no P-tuning prefix.)"""
+    if not set(kwargs) <= FAST_PATH_KWARGS:
         return False
     if kwargs.get("num_beams", 1) != 1 or kwargs.get("num_return_sequences", 1) != 1:
         return False
     if kwargs.get("return_dict_in_generate") or kwargs.get("output_scores") or kwargs.get("output_logits"):
         return False
     input_ids = kwargs.get("input_ids")
-    return (isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and not model.config.pre_seq_len
-            and not model.training)
+    return isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and not model.training
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float
@@ -265,7 +271,8 @@ class DecodeRun:
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         self.attention_mask, self.position_ids = attention_mask, position_ids
-        self.held = cache_length(past_key_values)
+        held = cache_length(past_key_values)  # (a P-tuning model's cache starts with its prefix)
+        self.held = held - (model.config.pre_seq_len or 0) if held else 0
         if not 0 <= self.held < self.prompt_len:
             raise ValueError(f"past_key_values holds {self.held} positions; it must hold fewer than the "
                              f"{self.prompt_len} tokens of input_ids (their start)")
@@ -544,21 +551,20 @@ def chat_cache_kind(model: torch.nn.Module, request: dict) -> Optional[str]:
     "static" (`StaticCacheRun`), "growing" (`GrowingCacheRun`), or None (transformers' generate(): beams, logits
     processors, stopping criteria, prefix tuning, ...).
 
-    CHATGLM_FAST_CHAT=0: None; =1 (or "static"): "static" wherever `fast_path_supports` says the loop serves the
-    request (CPU included: the eager step); ="growing": "growing" there. Default: "static" on CUDA where the fused
-    Triton step serves the batch (nothing to compile but its kernels, cached on disk) and a cache for prompt +
-    budget fits in the free GPU memory; "growing" for the other requests the loop serves (CPU among them: nothing
-    preallocated there, and no thread)."""
+    CHATGLM_FAST_CHAT=0: None; =1 (or "static"): "static" wherever `fast_path_supports` says it serves the request
+    (CPU included: the eager step); ="growing": "growing" wherever `loop_serves`. Default: "static" on CUDA where
+    the fused Triton step serves the batch (nothing to compile but its kernels, cached on disk) and a cache for
+    prompt + budget fits in the free GPU memory; "growing" for the other requests the loop serves (CPU among them:
+    nothing preallocated there, and no thread; P-tuning models)."""
     setting = os.environ.get(FAST_CHAT_ENV, "").strip().lower()
-    if setting in ("0", "false", "no", "off"):
+    if setting in ("0", "false", "no", "off") or not loop_serves(model, request):
         return None
-    if not fast_path_supports(model, {**request, "cache_implementation": "static"}):
-        return None
+    static = fast_path_supports(model, {**request, "cache_implementation": "static"})
     if setting in ("1", "true", "yes", "on", "static"):
-        return "static"
+        return "static" if static else "growing"
     if setting == "growing":
         return "growing"
-    return "static" if _static_decoder_fits(model, request) else "growing"
+    return "static" if static and _static_decoder_fits(model, request) else "growing"
 
 
 def _static_decoder_fits(model: torch.nn.Module, request: dict) -> bool:

@@ -203,6 +203,30 @@ def test_a_busy_static_decoder_sends_other_requests_to_a_growing_cache(tiny_toks
     assert _ran(runs, 3, 1, "static")
 
 
+def test_p_tuning_chat_on_the_growing_cache_matches_generate(tiny_toks, monkeypatch, runs):  # noqa: F811
+    """A P-tuning model's cache starts with its prefix: chat, and stream_chat with the cache passed back, give on
+    the growing cache what they give on generate()."""
+    tok = tiny_toks[cf.CHATGLM3]
+    model = tiny_model(7, padded_vocab_size=512, seq_length=1024, pre_seq_len=4).double().eval()
+    kwargs = dict(do_sample=False, max_new_tokens=6)
+    seen = {}
+    for path in ("generate", "growing"):
+        use(monkeypatch, path)
+        before = len(runs)
+        reply = model.chat(tok, "Hello", **kwargs)
+        *_, (response, history, cache) = model.stream_chat(tok, "Hello", return_past_key_values=True, **kwargs)
+        lengths, handle = forward_lengths(model)
+        try:
+            *_, second = model.stream_chat(tok, "More", history, past_key_values=cache, return_past_key_values=True,
+                                           **kwargs)
+        finally:
+            handle.remove()
+        assert _ran(runs, before, 0 if path == "generate" else 3, "growing")
+        seen[path] = reply, (response, history), second[:2], lengths[0], cache_length(second[2])
+    assert seen["growing"] == seen["generate"]
+    assert seen["growing"][0] == seen["growing"][1], "chat and stream_chat agree"
+
+
 def test_chat_cache_kind_policy(monkeypatch):
     model = tiny_model(seed=3).double()
     request = dict(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=3, do_sample=False)
@@ -218,7 +242,10 @@ def test_chat_cache_kind_policy(monkeypatch):
                             dict(logits_processor=LogitsProcessorList()),
                             dict(output_scores=True, return_dict_in_generate=True)):
             assert chat_cache_kind(model, {**request, **unsupported}) is None, unsupported
-        assert chat_cache_kind(tiny_model(seed=3, pre_seq_len=4), request) is None, "prefix tuning"
+    prefixed = tiny_model(seed=3, pre_seq_len=4)
+    assert chat_cache_kind(prefixed, request) == "growing", "P-tuning: the growing cache holds the prefix"
+    monkeypatch.setenv(FAST_CHAT_ENV, "1")
+    assert chat_cache_kind(prefixed, request) == "growing"
     monkeypatch.setenv(FAST_CHAT_ENV, "0")
     assert chat_cache_kind(model, request) is None
     with pytest.raises(ValueError, match="cache_kind must be one of"):
