@@ -3,12 +3,12 @@
 
 Prompts and reply parsing come from ``chat_format.py`` through the tokenizer. Tokens come from our own decode loop
 (``decoding_chatglm``) where ``chat_cache_kind`` says it serves the request (greedy or sampling, top-k / top-p /
-temperature / repetition penalty): on CUDA the static decoder (preallocated cache, fused step, CUDA graphs), else a
-growing cache and the eager forward (P-tuning models too), both in the caller's thread. Anything else (beams,
-logits processors, stopping criteria, n-gram bans, ...) goes to transformers' own ``generate()``; there
-``stream_generate`` runs it in a background thread with a streamer that hands each step over in lock-step, so the
-cache a caller sees between two steps is not being written to. The static decoder fills the caller's cache when the stream ends or is
-closed; a growing run writes into it at every step.
+temperature / repetition penalty, logits processors): on CUDA the static decoder (preallocated cache, fused step,
+CUDA graphs), else a growing cache and the eager forward (P-tuning models too), both in the caller's thread.
+Anything else (beams, stopping criteria, n-gram bans, a generation config object, ...) goes to transformers' own
+``generate()``; there ``stream_generate`` runs it in a background thread with a streamer that hands each step over
+in lock-step, so the cache a caller sees between two steps is not being written to. The static decoder fills the
+caller's cache when the stream ends or is closed; a growing run writes into it at every step.
 
 Shapes: ``input_ids`` / ``attention_mask`` / ``position_ids`` are ``[batch, seq]`` (left padded); the streamed ids
 are ``[batch, prompt + new]``. Histories: ChatGLM3 a list of message dicts, ChatGLM2 a list of ``[query, response]``.
@@ -420,17 +420,18 @@ class ChatGLMChatMixin:
                      want_cache: bool, live_cache: bool
                      ) -> Optional[Tuple[torch.Tensor, Generator[torch.Tensor, None, None], Any]]:
         """``stream_generate``'s request by our own loop → (the first step's new tokens [batch], the generator of
-        the next ones, the cache it fills), or None where the loop does not serve it: a generation config, logits
-        processors or stopping criteria, a cache that is not a growing one holding the start of ``input_ids``, or
-        ``chat_cache_kind`` says no. A busy static decoder sends the request to a growing cache."""
-        if generation_config is not None or logits_processor is not None or "stopping_criteria" in kwargs:
+        the next ones, the cache it fills), or None where the loop does not serve it: a generation config or stopping
+        criteria, a cache that is not a growing one holding the start of ``input_ids``, or ``chat_cache_kind`` says
+        no. A busy static decoder sends the request to a growing cache."""
+        if generation_config is not None or "stopping_criteria" in kwargs:
             return None
         cache = past_key_values
         if cache is not None and (not isinstance(cache, CACHE_TYPES) or cache_is_static(cache)
                                   or cache_length(cache) - (self.config.pre_seq_len or 0) >= input_ids.shape[1]
                                   or (attention_mask is not None and attention_mask.shape[1] != input_ids.shape[1])):
             return None
-        optional = {"attention_mask": attention_mask, "position_ids": position_ids, "eos_token_id": eos_token_id}
+        optional = {"attention_mask": attention_mask, "position_ids": position_ids, "eos_token_id": eos_token_id,
+                    "logits_processor": logits_processor}
         request = {"input_ids": input_ids, **{k: v for k, v in optional.items() if v is not None}, **kwargs}
         kind = chat_cache_kind(self, request)
         if kind is None:

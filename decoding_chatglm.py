@@ -15,6 +15,7 @@ import weakref
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
+from transformers import LogitsProcessorList
 from transformers.utils import logging
 
 from .compat_chatglm import cache_layer, cache_length, generation_setting, kernel_device, new_dynamic_cache
@@ -25,8 +26,8 @@ logger = logging.get_logger(__name__)
 # generate() arguments the fast path understands; anything else goes to transformers' generate().
 FAST_PATH_KWARGS = frozenset({
     "input_ids", "attention_mask", "position_ids", "max_new_tokens", "max_length", "min_new_tokens", "do_sample",
-    "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id", "cache_implementation",
-    "use_cache",
+    "temperature", "top_k", "top_p", "repetition_penalty", "logits_processor", "eos_token_id", "pad_token_id",
+    "cache_implementation", "use_cache",
     "num_beams", "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits",
 })
 FAST_CHAT_ENV = "CHATGLM_FAST_CHAT"  # 0: chat methods on generate(); 1 / static, growing: that loop where it serves
@@ -82,7 +83,8 @@ def fast_path_supports(model: torch.nn.Module, kwargs: dict) -> bool:
 
 def loop_serves(model: torch.nn.Module, kwargs: dict) -> bool:
     """Whether our decode loop gives what `generate(**kwargs)` gives: greedy or sampling with the settings it
-    knows, one sequence per row, no scores; an inference model. (The static decoder also needs no P-tuning prefix.)"""
+    knows (logits processors included), one sequence per row, no scores; an inference model. (The static decoder
+    also needs no P-tuning prefix.)"""
     if not set(kwargs) <= FAST_PATH_KWARGS:
         return False
     if kwargs.get("num_beams", 1) != 1 or kwargs.get("num_return_sequences", 1) != 1:
@@ -243,6 +245,7 @@ class DecodeRun:
                  max_new_tokens: Optional[int] = None, max_length: Optional[int] = None, min_new_tokens: int = 0,
                  do_sample: Optional[bool] = None, temperature: Optional[float] = None, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
+                 logits_processor: Optional[Sequence[Callable]] = None,
                  eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
                  compile: Optional[bool] = None, past_key_values: Any = None, **ignored: Any):
         config = model.generation_config
@@ -256,6 +259,7 @@ class DecodeRun:
         self.repetition_penalty = float(setting("repetition_penalty", repetition_penalty))
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be a positive number (1.0: none), got {repetition_penalty}")
+        self.processors = LogitsProcessorList(logits_processor or [])  # the caller's, run as generate() runs them
         eos = setting("eos_token_id", eos_token_id)
         self.eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.pad = setting("pad_token_id", pad_token_id) or 0
@@ -300,7 +304,8 @@ class DecodeRun:
 
     def _pick(self, step: int) -> torch.Tensor:
         """The token of `step` from the last logits → [b, 1]. In generate()'s order: the repetition penalty on every
-        id the row holds, eos ids excluded before min_new_tokens, then the sampling warpers. Left padding is not
+        id the row holds, eos ids excluded before min_new_tokens, the caller's logits processors (given the ids so
+        far [b, n + step]), then the sampling warpers. Left padding is not
         penalized (as in transformers >= 5.23; older ones penalize the pad id too), so a row's reply does not
         depend on the batch it is in."""
         logits = self.logits
@@ -314,6 +319,8 @@ class DecodeRun:
             logits = torch.where(self.seen, penalized, logits)
         if self.eos_tensor is not None and step < self.min_new_tokens:
             logits[:, self.eos_tensor] = float("-inf")
+        if self.processors:
+            logits = self.processors(torch.cat([self.input_ids, self.out[:, :step]], dim=1), logits)
         token = sample_next(logits, self.do_sample, self.temperature, self.top_k, self.top_p)[:, None]
         if self.seen is not None:
             self.seen.scatter_(1, token, True)
@@ -339,7 +346,7 @@ class StaticCacheRun(DecodeRun):
     def _open(self, model: torch.nn.Module, past: Any, compile: bool) -> torch.Tensor:
         self.exported = self.held  # positions of the caller's cache that hold what this run computed
         # greedy decoding stays on the device: the argmax (eos ids excluded before min_new_tokens) is in the step
-        self.greedy_in_graph = not self.do_sample and self.repetition_penalty == 1.0 and \
+        self.greedy_in_graph = not self.do_sample and self.repetition_penalty == 1.0 and not self.processors and \
             (self.eos_tensor is None or len(self.eos) <= MAX_BANNED)
         self.lock = _model_lock(model)
         if not self.lock.acquire(blocking=False):
@@ -500,7 +507,8 @@ def fast_generate(model: torch.nn.Module, input_ids: torch.LongTensor, cache_kin
     """Greedy or sampled decoding of a (left-padded) batch [b, n] → sequences [b, n + new], like generate().
 
     Keyword arguments: attention_mask, position_ids, max_new_tokens / max_length, min_new_tokens, do_sample,
-    temperature, top_k, top_p, repetition_penalty, eos_token_id, pad_token_id (unset ones as generate() sets them:
+    temperature, top_k, top_p, repetition_penalty, logits_processor, eos_token_id, pad_token_id (unset ones as
+    generate() sets them:
     from `model.generation_config`, else transformers' defaults such as top_k 50; after a row's end-of-sequence
     token it receives pad_token_id), and `compile`, True by default on CUDA (False runs the same static-cache step
     eagerly). Others are ignored. cache_kind "static": the model's preallocated decoder (FastPathBusy while another

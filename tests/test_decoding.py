@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from conftest import tiny_model
 from test_modeling import left_pad, random_prompts
@@ -57,6 +58,16 @@ def test_fast_generate_sampling_is_seeded_and_respects_top_k_1(model64):
     assert torch.equal(runs[0], runs[1])
 
 
+class BanHalfTheIds(LogitsProcessor):
+    """A caller's processor that reads the ids so far: the half of the vocabulary that follows each row's last id
+    (cyclically) is never picked."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        vocab = scores.shape[-1]
+        offset = (torch.arange(vocab, device=scores.device) - input_ids[:, -1:]) % vocab
+        return scores.masked_fill((offset >= 1) & (offset <= vocab // 2), float("-inf"))
+
+
 SAMPLED = [
     dict(do_sample=True, top_p=0.9, temperature=1.5),  # top_k unset: generate() applies its default of 50
     dict(do_sample=True, top_p=0.9, top_k=0),
@@ -65,10 +76,14 @@ SAMPLED = [
     dict(do_sample=True, repetition_penalty=1.3, min_new_tokens=6, eos_token_id=[3, 9]),
     dict(do_sample=False, repetition_penalty=1.3),
     dict(do_sample=False, repetition_penalty=0.7, eos_token_id=[3, 9]),
+    dict(do_sample=False, logits_processor=LogitsProcessorList([BanHalfTheIds()])),
+    dict(do_sample=True, top_p=0.9, repetition_penalty=1.2, min_new_tokens=4, eos_token_id=[3, 9],
+         logits_processor=LogitsProcessorList([BanHalfTheIds()])),
 ]
 
 
-@pytest.mark.parametrize("settings", SAMPLED, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("settings", SAMPLED, ids=lambda s: ",".join(
+    f"{k}={'[BanHalfTheIds]' if k == 'logits_processor' else v}" for k, v in s.items()))
 @torch.no_grad()
 def test_fast_generate_samples_what_generate_samples(model64, settings):
     """Same seed, same settings (unset ones as generate() fills them in) → the same tokens. Rows of equal length:
@@ -105,7 +120,8 @@ def test_fast_path_only_takes_requests_it_serves(model64):
     assert fast_path_supports(model64, dict(input_ids=ids, cache_implementation="static", max_new_tokens=3))
     assert not fast_path_supports(model64, dict(input_ids=ids, max_new_tokens=3))
     assert not fast_path_supports(model64, dict(input_ids=ids, cache_implementation="static", num_beams=2))
-    assert not fast_path_supports(model64, dict(input_ids=ids, cache_implementation="static", logits_processor=[]))
+    assert fast_path_supports(model64, dict(input_ids=ids, cache_implementation="static", logits_processor=[]))
+    assert not fast_path_supports(model64, dict(input_ids=ids, cache_implementation="static", stopping_criteria=[]))
 
 
 @torch.no_grad()

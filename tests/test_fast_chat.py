@@ -13,11 +13,12 @@ from typing import List
 
 import pytest
 import torch
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from conftest import tiny_model
 from test_chat import _prompt, forward_lengths, history_for, model_for, unused_eos
 from test_chat import family, tiny_toks  # noqa: F401  (fixtures)
+from test_decoding import BanHalfTheIds
 from test_tokenizer import tiny_model_file  # noqa: F401  (fixture)
 from chatglm import chat_format as cf
 from chatglm.chat_chatglm import CACHE_IDS_ATTR
@@ -72,9 +73,13 @@ def test_chat_and_batch_chat_match_generate(tiny_toks, family, loop, monkeypatch
         before = len(runs)
         results[path] = (model.chat(tok, "What is the weather like?", history_for(family), **GREEDY),
                          model.batch_chat(tok, queries, histories, do_sample=False, max_length=120),
-                         model.chat(tok, "Hi", repetition_penalty=1.3, **GREEDY))
-        assert _ran(runs, before, 0 if path == "generate" else 3, loop)
-    assert results[loop] == results["generate"]
+                         model.chat(tok, "Hi", repetition_penalty=1.3, **GREEDY),
+                         model.chat(tok, "Hi", logits_processor=[BanHalfTheIds()], **GREEDY),
+                         list(model.stream_generate(**_prompt(tok), logits_processor=[BanHalfTheIds()], **GREEDY)))
+        assert _ran(runs, before, 0 if path == "generate" else 5, loop)
+    for ours, theirs in zip(results[loop], results["generate"]):  # (replies, and the streamed id tensors)
+        assert ours == theirs if not isinstance(ours, list) or not isinstance(ours[0], torch.Tensor) else \
+            all(torch.equal(a, b) for a, b in zip(ours, theirs)) and len(ours) == len(theirs)
     # what the loop lacks goes to generate()
     before = len(runs)
     model.chat(tok, "Hi", no_repeat_ngram_size=2, **GREEDY)
@@ -238,8 +243,9 @@ def test_chat_cache_kind_policy(monkeypatch):
         assert chat_cache_kind(model, request) == chat_cache_kind(model, sampled) == kind
     for setting in ("1", ""):
         monkeypatch.setenv(FAST_CHAT_ENV, setting)
+        assert chat_cache_kind(model, {**request, "logits_processor": LogitsProcessorList()}) is not None
         for unsupported in (dict(no_repeat_ngram_size=3), dict(num_beams=2),
-                            dict(logits_processor=LogitsProcessorList()),
+                            dict(stopping_criteria=StoppingCriteriaList()),
                             dict(output_scores=True, return_dict_in_generate=True)):
             assert chat_cache_kind(model, {**request, **unsupported}) is None, unsupported
     prefixed = tiny_model(seed=3, pre_seq_len=4)
