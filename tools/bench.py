@@ -144,6 +144,16 @@ def measure_long_prefill(name: str, model, args, length: int, peer: bool) -> dic
 CHAT_SAMPLING = dict(do_sample=True, top_p=0.8, temperature=0.8)  # chat()'s defaults for chatglm3-6b
 
 
+def nan_guard(input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+    """A logits processor like the one the official demos pass with every request (--nan-guard): scores that hold a
+    NaN or an infinity are replaced by a fixed distribution. Its check synchronises with the GPU every token."""
+    if bool(torch.isfinite(scores).all()):
+        return scores
+    guarded = torch.zeros_like(scores)
+    guarded[..., 5] = 5e4
+    return guarded
+
+
 def load_tokenizer(path: str):
     """ChatGLMTokenizer (ChatGLM3 format) from a tokenizer.model file or a folder holding one."""
     from chatglm.tokenization_chatglm import ChatGLMTokenizer
@@ -168,6 +178,10 @@ def measure_chat(name: str, model, tok, args, kind: str) -> dict:
     query = chat_query(tok, args.prompt)
     ids = tok.build_chat_input(query)["input_ids"].to(args.device)
     sampling = {**CHAT_SAMPLING, "repetition_penalty": args.repetition_penalty}
+    if args.nan_guard:
+        from transformers import LogitsProcessorList
+
+        sampling["logits_processor"] = LogitsProcessorList([nan_guard])
     result = {"system": name, "kind": kind, "prompt_tokens": ids.shape[1]}
     if name == "ours":  # which decoding serves it: "static", "growing", or None (generate())
         from chatglm.decoding_chatglm import chat_cache_kind
@@ -278,6 +292,8 @@ def main() -> None:
                         help="with --chat: the real tokenizer.model, or a folder holding it")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="with --chat: sample with this repetition penalty (ours and the peer)")
+    parser.add_argument("--nan-guard", action="store_true",
+                        help="with --chat: pass a NaN-guard logits processor, as the official demos do")
     parser.add_argument("--capacity", type=int, default=0,
                         help="fast path: preallocate its cache for this many positions first (chat() preallocates "
                              "prompt + budget, up to the variant's max_length)")
