@@ -282,7 +282,8 @@ class ChatGLMChatMixin:
             try:
                 return fast_generate(self, **request)
             except FastPathBusy:
-                logger.info("chat: the static decoder is busy (another thread or an open stream); using a growing cache")
+                logger.info("chat: the static decoder is busy (another thread or an open stream); using a growing "
+                            "cache")
                 kind = "growing"
         if kind == "growing":
             return fast_generate(self, cache_kind="growing", **request)

@@ -5,6 +5,10 @@ transformers' generate() spends more time in Python per token than the GPU spend
 `torch.compile`d step (CUDA graphs on GPU) runs one token at a time, sampling on the device, and the host only
 checks for end-of-sequence every few steps. It is what `generate(..., cache_implementation="static")` runs when the
 request needs nothing it lacks (see `fast_path_supports`), and a documented call on every transformers version.
+
+The same loop (`DecodeRun`: settings, penalty, logits processors, sampling in generate()'s order) also runs on a
+growing cache with the eager forward (`GrowingCacheRun`), which the chat methods use where the static decoder does
+not serve (`chat_cache_kind`): streaming then needs no helper thread around generate().
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from .decode_kernels_chatglm import FusedDecodeStep, unsupported_reason
 
 logger = logging.get_logger(__name__)
 
-# generate() arguments the fast path understands; anything else goes to transformers' generate().
+# generate() arguments our decode loop understands; anything else goes to transformers' generate().
 FAST_PATH_KWARGS = frozenset({
     "input_ids", "attention_mask", "position_ids", "max_new_tokens", "max_length", "min_new_tokens", "do_sample",
     "temperature", "top_k", "top_p", "repetition_penalty", "logits_processor", "eos_token_id", "pad_token_id",
@@ -305,9 +309,8 @@ class DecodeRun:
     def _pick(self, step: int) -> torch.Tensor:
         """The token of `step` from the last logits → [b, 1]. In generate()'s order: the repetition penalty on every
         id the row holds, eos ids excluded before min_new_tokens, the caller's logits processors (given the ids so
-        far [b, n + step]), then the sampling warpers. Left padding is not
-        penalized (as in transformers >= 5.23; older ones penalize the pad id too), so a row's reply does not
-        depend on the batch it is in."""
+        far [b, n + step]), then the sampling warpers. Left padding is not penalized (as in transformers >= 5.23;
+        older ones penalize the pad id too), so a row's reply does not depend on the batch it is in."""
         logits = self.logits
         if self.repetition_penalty != 1.0:
             if self.seen is None:  # (pad positions are scattered into a spare column past the vocabulary)
@@ -443,8 +446,8 @@ class StaticCacheRun(DecodeRun):
 class GrowingCacheRun(DecodeRun):
     """A run on a growing cache (the caller's `past_key_values`, else a new one) with the model's eager forward, one
     step at a time in the caller's thread: nothing preallocated and nothing shared, so no lock. For CPU and for
-    requests the static decoder does not take (batch or cache size, the decoder busy). Rows that ended are fed pad,
-    and the cache holds every token but the last one produced, as generate() leaves them."""
+    requests the static decoder does not take (batch or cache size, a P-tuning prefix, the decoder busy). Rows that
+    ended are fed pad, and the cache holds every token but the last one produced, as generate() leaves them."""
 
     def _open(self, model: torch.nn.Module, past: Any, compile: bool) -> torch.Tensor:
         self.model = model
@@ -508,11 +511,10 @@ def fast_generate(model: torch.nn.Module, input_ids: torch.LongTensor, cache_kin
 
     Keyword arguments: attention_mask, position_ids, max_new_tokens / max_length, min_new_tokens, do_sample,
     temperature, top_k, top_p, repetition_penalty, logits_processor, eos_token_id, pad_token_id (unset ones as
-    generate() sets them:
-    from `model.generation_config`, else transformers' defaults such as top_k 50; after a row's end-of-sequence
-    token it receives pad_token_id), and `compile`, True by default on CUDA (False runs the same static-cache step
-    eagerly). Others are ignored. cache_kind "static": the model's preallocated decoder (FastPathBusy while another
-    run holds it); "growing": a growing cache and the eager forward (`GrowingCacheRun`).
+    generate() sets them: from `model.generation_config`, else transformers' defaults such as top_k 50; after a
+    row's end-of-sequence token it receives pad_token_id), and `compile`, True by default on CUDA (False runs the
+    same static-cache step eagerly). Others are ignored. cache_kind "static": the model's preallocated decoder
+    (FastPathBusy while another run holds it); "growing": a growing cache and the eager forward (`GrowingCacheRun`).
     """
     run = _run_class(cache_kind)(model, input_ids, **kwargs)
     try:
@@ -556,8 +558,8 @@ def _run_class(cache_kind: str) -> type:
 
 def chat_cache_kind(model: torch.nn.Module, request: dict) -> Optional[str]:
     """How chat / batch_chat / stream_chat decode `request` (generate()'s keyword arguments, inputs included):
-    "static" (`StaticCacheRun`), "growing" (`GrowingCacheRun`), or None (transformers' generate(): beams, logits
-    processors, stopping criteria, prefix tuning, ...).
+    "static" (`StaticCacheRun`), "growing" (`GrowingCacheRun`), or None (transformers' generate(): beams, stopping
+    criteria, n-gram bans, ...).
 
     CHATGLM_FAST_CHAT=0: None; =1 (or "static"): "static" wherever `fast_path_supports` says it serves the request
     (CPU included: the eager step); ="growing": "growing" wherever `loop_serves`. Default: "static" on CUDA where
