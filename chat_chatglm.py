@@ -3,8 +3,8 @@
 
 Prompts and reply parsing come from ``chat_format.py`` through the tokenizer. Tokens come from our own decode loop
 (``decoding_chatglm``) where ``chat_cache_kind`` says it serves the request (greedy or sampling, top-k / top-p /
-temperature / repetition penalty, logits processors): on CUDA the static decoder (preallocated cache, fused step,
-CUDA graphs), else a growing cache and the eager forward (P-tuning models too), both in the caller's thread.
+temperature / repetition penalty, logits processors; P-tuning models too): on CUDA the static decoder (preallocated
+cache, fused step, CUDA graphs), else a growing cache and the eager forward, both in the caller's thread.
 Anything else (beams, stopping criteria, n-gram bans, a generation config object, ...) goes to transformers' own
 ``generate()``; there ``stream_generate`` runs it in a background thread with a streamer that hands each step over
 in lock-step, so the cache a caller sees between two steps is not being written to. The static decoder fills the

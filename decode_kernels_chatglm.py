@@ -17,7 +17,7 @@ one 16-row tile, accumulating in float32. int4 fp16 GEMVs of the shapes in int4_
 rows) go to its Gluon kernel instead; `gemv_launch` decides, and `fused_linear` runs either with one contract.
 
 `FusedDecodeStep.build` returns None where this does not apply (CPU, no Triton, batch > 16, LoRA or other wrapped
-linears, prefix tuning, odd shapes); the caller then runs the compiled torch step. Set ``CHATGLM_FUSED_DECODE=0``
+linears, odd shapes); the caller then runs the compiled torch step. Set ``CHATGLM_FUSED_DECODE=0``
 to turn it off. The kernels also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the tests check them.
 """
 from __future__ import annotations
@@ -670,8 +670,6 @@ def unsupported_reason(model: nn.Module, batch: int) -> Optional[str]:
         return f"dtype {param.dtype} (fp16/bf16 only)"
     if batch > MAX_ROWS:
         return f"batch {batch} > {MAX_ROWS}"
-    if config.pre_seq_len:
-        return "prefix tuning"
     head_dim = config.kv_channels
     if head_dim < 16 or head_dim & (head_dim - 1) or config.num_attention_heads % config.num_key_value_heads:
         return f"head_dim {head_dim} (a power of two >= 16 is needed)"

@@ -19,6 +19,7 @@ import weakref
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from transformers import LogitsProcessorList
 from transformers.utils import logging
 
@@ -81,14 +82,12 @@ class StaticKVCache:
 
 def fast_path_supports(model: torch.nn.Module, kwargs: dict) -> bool:
     """Whether `generate(**kwargs)` can run on `fast_generate` (the static decoder) with the same result."""
-    return kwargs.get("cache_implementation") == "static" and loop_serves(model, kwargs) and \
-        not model.config.pre_seq_len
+    return kwargs.get("cache_implementation") == "static" and loop_serves(model, kwargs)
 
 
 def loop_serves(model: torch.nn.Module, kwargs: dict) -> bool:
     """Whether our decode loop gives what `generate(**kwargs)` gives: greedy or sampling with the settings it
-    knows (logits processors included), one sequence per row, no scores; an inference model. (The static decoder
-    also needs no P-tuning prefix.)"""
+    knows (logits processors included), one sequence per row, no scores; an inference model."""
     if not set(kwargs) <= FAST_PATH_KWARGS:
         return False
     if kwargs.get("num_beams", 1) != 1 or kwargs.get("num_return_sequences", 1) != 1:
@@ -344,10 +343,12 @@ class DecodeRun:
 class StaticCacheRun(DecodeRun):
     """A run on the model's `CompiledDecoder` (preallocated cache; compiled, fused or eager step), held under a
     per-model lock: FastPathBusy while another run has it. The prompt goes into the decoder's cache after a copy of
-    what `past_key_values` holds; `export` appends the new positions to that cache."""
+    what `past_key_values` holds (or a P-tuning model's prefix); `export` appends the new slots to that cache."""
 
     def _open(self, model: torch.nn.Module, past: Any, compile: bool) -> torch.Tensor:
-        self.exported = self.held  # positions of the caller's cache that hold what this run computed
+        # cache slots: a P-tuning model's prefix first, then the tokens; `exported`: slots the caller's cache holds
+        self.prefix = model.config.pre_seq_len or 0
+        self.exported = cache_length(past)
         # greedy decoding stays on the device: the argmax (eos ids excluded before min_new_tokens) is in the step
         self.greedy_in_graph = not self.do_sample and self.repetition_penalty == 1.0 and not self.processors and \
             (self.eos_tensor is None or len(self.eos) <= MAX_BANNED)
@@ -364,14 +365,17 @@ class StaticCacheRun(DecodeRun):
             raise
 
     def _prefill(self, model: torch.nn.Module, past: Any) -> torch.Tensor:
-        """The prompt (after what `past` holds) into the decoder's cache → last-position logits [b, vocab] fp32."""
+        """The prompt (after what `past` holds) into the decoder's cache → last-position logits [b, vocab] fp32.
+        The slots before it come from `past`, or for a P-tuning model with nothing in `past`, from its prefix."""
         cache = self.decoder.cache
-        if self.held:
-            for layer_idx in range(len(cache.keys)):
-                key, value = cache_layer(past, layer_idx)
-                cache.keys[layer_idx][:, :, :self.held].copy_(key)
-                cache.values[layer_idx][:, :, :self.held].copy_(value)
-        cache.length = self.held
+        start = self.prefix + self.held
+        prefix = None if self.exported or not self.prefix else \
+            model.transformer.get_prompt(self.out.shape[0], cache.keys[0].device, cache.keys[0].dtype)
+        for layer_idx in range(len(cache.keys) if start else 0):
+            key, value = cache_layer(past, layer_idx) if prefix is None else prefix[2 * layer_idx:2 * layer_idx + 2]
+            cache.keys[layer_idx][:, :, :start].copy_(key)
+            cache.values[layer_idx][:, :, :start].copy_(value)
+        cache.length = start
         out = model(input_ids=self.input_ids[:, self.held:], attention_mask=self.attention_mask,
                     position_ids=self.position_ids[:, self.held:], past_key_values=cache, use_cache=True,
                     return_last_logit=True)
@@ -394,7 +398,8 @@ class StaticCacheRun(DecodeRun):
                 if step == 0:
                     if self.greedy_in_graph and self.eos_tensor is not None and self.min_new_tokens > 1:
                         decoder.ban(self.eos)
-                    decoder.start(token, self.position_ids[:, -1:] + 1, self.prompt_len, self.attention_mask.bool())
+                    decoder.start(token, self.position_ids[:, -1:] + 1, self.prefix + self.prompt_len,
+                                  F.pad(self.attention_mask.bool(), (self.prefix, 0), value=True))
                 else:
                     decoder.token.copy_(token)
             self.out[:, step:step + 1] = token
@@ -423,7 +428,7 @@ class StaticCacheRun(DecodeRun):
     def export(self, cache: Any) -> None:
         """Only new positions are appended; a cache that changed meanwhile (another generation extended it) is left
         alone."""
-        length = self.prompt_len + self.produced - 1
+        length = self.prefix + self.prompt_len + self.produced - 1
         if length <= self.exported:
             return
         if cache_length(cache) != self.exported:
@@ -446,8 +451,8 @@ class StaticCacheRun(DecodeRun):
 class GrowingCacheRun(DecodeRun):
     """A run on a growing cache (the caller's `past_key_values`, else a new one) with the model's eager forward, one
     step at a time in the caller's thread: nothing preallocated and nothing shared, so no lock. For CPU and for
-    requests the static decoder does not take (batch or cache size, a P-tuning prefix, the decoder busy). Rows that
-    ended are fed pad, and the cache holds every token but the last one produced, as generate() leaves them."""
+    requests the static decoder does not take (batch or cache size, the decoder busy). Rows that ended are fed pad,
+    and the cache holds every token but the last one produced, as generate() leaves them."""
 
     def _open(self, model: torch.nn.Module, past: Any, compile: bool) -> torch.Tensor:
         self.model = model
@@ -561,20 +566,19 @@ def chat_cache_kind(model: torch.nn.Module, request: dict) -> Optional[str]:
     "static" (`StaticCacheRun`), "growing" (`GrowingCacheRun`), or None (transformers' generate(): beams, stopping
     criteria, n-gram bans, ...).
 
-    CHATGLM_FAST_CHAT=0: None; =1 (or "static"): "static" wherever `fast_path_supports` says it serves the request
-    (CPU included: the eager step); ="growing": "growing" wherever `loop_serves`. Default: "static" on CUDA where
+    CHATGLM_FAST_CHAT=0: None; =1 (or "static"): "static" wherever `loop_serves` (CPU included: the eager step);
+    ="growing": "growing" there. Default: "static" on CUDA where
     the fused Triton step serves the batch (nothing to compile but its kernels, cached on disk) and a cache for
     prompt + budget fits in the free GPU memory; "growing" for the other requests the loop serves (CPU among them:
-    nothing preallocated there, and no thread; P-tuning models)."""
+    nothing preallocated there, and no thread)."""
     setting = os.environ.get(FAST_CHAT_ENV, "").strip().lower()
     if setting in ("0", "false", "no", "off") or not loop_serves(model, request):
         return None
-    static = fast_path_supports(model, {**request, "cache_implementation": "static"})
     if setting in ("1", "true", "yes", "on", "static"):
-        return "static" if static else "growing"
+        return "static"
     if setting == "growing":
         return "growing"
-    return "static" if static and _static_decoder_fits(model, request) else "growing"
+    return "static" if _static_decoder_fits(model, request) else "growing"
 
 
 def _static_decoder_fits(model: torch.nn.Module, request: dict) -> bool:
@@ -620,9 +624,10 @@ def _model_lock(model: torch.nn.Module) -> threading.Lock:
 
 
 def _capacity(model: torch.nn.Module, prompt_len: int, new_tokens: int) -> int:
-    """Cache positions a decoder is built with for a request: prompt + new tokens rounded up to a multiple of 256
-    (so nearby request lengths share one compiled step), at most the model's seq_length."""
-    return min(-(-(prompt_len + new_tokens) // 256) * 256, model.config.seq_length)
+    """Cache slots a decoder is built with for a request: prompt + new tokens rounded up to a multiple of 256
+    (so nearby request lengths share one compiled step), at most the model's seq_length; plus a P-tuning prefix."""
+    tokens = min(-(-(prompt_len + new_tokens) // 256) * 256, model.config.seq_length)
+    return tokens + (model.config.pre_seq_len or 0)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> tuple:

@@ -47,11 +47,18 @@ def _decoder(model, batch, capacity, fused):
 
 def _prefill(model, decoder, ids, mask):
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    decoder.cache.length = 0
+    prefix = model.config.pre_seq_len or 0
+    if prefix:  # a P-tuning model's prefix in the first slots, where StaticCacheRun puts it
+        prompt = model.transformer.get_prompt(ids.shape[0], ids.device, decoder.cache.keys[0].dtype)
+        for layer, (keys, values) in enumerate(zip(decoder.cache.keys, decoder.cache.values)):
+            keys[:, :, :prefix].copy_(prompt[2 * layer])
+            values[:, :, :prefix].copy_(prompt[2 * layer + 1])
+    decoder.cache.length = prefix
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=decoder.cache,
                    use_cache=True, return_last_logit=True).logits[:, -1].float()
     token = logits.argmax(-1, keepdim=True)
-    decoder.start(token, positions[:, -1:] + 1, ids.shape[1], mask.bool())
+    decoder.start(token, positions[:, -1:] + 1, prefix + ids.shape[1],
+                  torch.nn.functional.pad(mask.bool(), (prefix, 0), value=True))
     return token
 
 
@@ -88,7 +95,8 @@ def _compare_steps(model, padded):
     prompts = random_prompts(seed=6) if padded else [random_prompts(seed=6)[0]]
     ids, mask = left_pad(prompts)
     ids, mask = ids.to(DEVICE), mask.to(DEVICE)
-    batch, capacity, steps = ids.shape[0], ids.shape[1] + 24, 6
+    prefix = model.config.pre_seq_len or 0
+    batch, capacity, steps = ids.shape[0], prefix + ids.shape[1] + 24, 6
     fused, plain = _decoder(model, batch, capacity, True), _decoder(model, batch, capacity, False)
     token = _prefill(model, fused, ids, mask)
     assert torch.equal(token, _prefill(model, plain, ids, mask))
@@ -96,7 +104,7 @@ def _compare_steps(model, padded):
         got, want = fused.run("logits").clone(), plain.run("logits").clone()
         assert got.shape == want.shape == (batch, model.config.padded_vocab_size)
         assert _relative(got, want) < 2e-2, f"step {step}"
-        slot = ids.shape[1] + step
+        slot = prefix + ids.shape[1] + step
         for layer in range(model.config.num_layers):
             assert _relative(fused.cache.keys[layer][:, :, slot], plain.cache.keys[layer][:, :, slot]) < 1e-2
             assert _relative(fused.cache.values[layer][:, :, slot], plain.cache.values[layer][:, :, slot]) < 1e-2
@@ -104,6 +112,13 @@ def _compare_steps(model, padded):
         fused.token.copy_(token)
         plain.token.copy_(token)
     assert torch.equal(fused.position, plain.position) and torch.equal(fused.slot, plain.slot)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["one-row", "left-padded-batch"])
+@torch.no_grad()
+def test_fused_step_with_a_p_tuning_prefix(padded):
+    """The prefix fills the first cache slots; positions count from the first token after it."""
+    _compare_steps(tiny_model(seed=5, pre_seq_len=4).half().to(DEVICE), padded)
 
 
 # (BLOCK_N, units, warps, prefetch, split-K) of the Gluon int4 GEMV for the model below: K = 256 is 2 units of 128

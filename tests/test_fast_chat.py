@@ -208,14 +208,14 @@ def test_a_busy_static_decoder_sends_other_requests_to_a_growing_cache(tiny_toks
     assert _ran(runs, 3, 1, "static")
 
 
-def test_p_tuning_chat_on_the_growing_cache_matches_generate(tiny_toks, monkeypatch, runs):  # noqa: F811
+def test_p_tuning_chat_matches_generate(tiny_toks, loop, monkeypatch, runs):  # noqa: F811
     """A P-tuning model's cache starts with its prefix: chat, and stream_chat with the cache passed back, give on
-    the growing cache what they give on generate()."""
+    our loop what they give on generate(), and leave the same cache."""
     tok = tiny_toks[cf.CHATGLM3]
     model = tiny_model(7, padded_vocab_size=512, seq_length=1024, pre_seq_len=4).double().eval()
     kwargs = dict(do_sample=False, max_new_tokens=6)
     seen = {}
-    for path in ("generate", "growing"):
+    for path in ("generate", loop):
         use(monkeypatch, path)
         before = len(runs)
         reply = model.chat(tok, "Hello", **kwargs)
@@ -226,10 +226,11 @@ def test_p_tuning_chat_on_the_growing_cache_matches_generate(tiny_toks, monkeypa
                                            **kwargs)
         finally:
             handle.remove()
-        assert _ran(runs, before, 0 if path == "generate" else 3, "growing")
-        seen[path] = reply, (response, history), second[:2], lengths[0], cache_length(second[2])
-    assert seen["growing"] == seen["generate"]
-    assert seen["growing"][0] == seen["growing"][1], "chat and stream_chat agree"
+        assert _ran(runs, before, 0 if path == "generate" else 3, loop)
+        seen[path] = reply, (response, history), second[:2], lengths[0], second[2]
+    assert seen[loop][:4] == seen["generate"][:4]
+    _same_cache(seen[loop][4], seen["generate"][4], model.config.num_layers)
+    assert seen[loop][0] == seen[loop][1], "chat and stream_chat agree"
 
 
 def test_chat_cache_kind_policy(monkeypatch):
@@ -249,13 +250,23 @@ def test_chat_cache_kind_policy(monkeypatch):
                             dict(output_scores=True, return_dict_in_generate=True)):
             assert chat_cache_kind(model, {**request, **unsupported}) is None, unsupported
     prefixed = tiny_model(seed=3, pre_seq_len=4)
-    assert chat_cache_kind(prefixed, request) == "growing", "P-tuning: the growing cache holds the prefix"
+    assert chat_cache_kind(prefixed, request) == "growing", "P-tuning on CPU"
     monkeypatch.setenv(FAST_CHAT_ENV, "1")
-    assert chat_cache_kind(prefixed, request) == "growing"
+    assert chat_cache_kind(prefixed, request) == "static", "the static cache holds the prefix in its first slots"
     monkeypatch.setenv(FAST_CHAT_ENV, "0")
     assert chat_cache_kind(model, request) is None
     with pytest.raises(ValueError, match="cache_kind must be one of"):
         model.fast_generate(request["input_ids"], cache_kind="paged")
+
+
+def _holds_what_a_plain_forward_computes(model, cache) -> None:
+    """`cache` (from stream_chat) holds what a plain forward over the ids it records computes (fp16: to rounding)."""
+    ids = torch.tensor([getattr(cache, CACHE_IDS_ATTR)[:-1]], device=model.device)
+    plain = model(input_ids=ids, use_cache=True).past_key_values
+    assert cache_length(cache) == cache_length(plain)
+    for layer_idx in range(model.config.num_layers):
+        for x, y in zip(cache_layer(cache, layer_idx), cache_layer(plain, layer_idx)):
+            torch.testing.assert_close(x, y, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the default policy)")
@@ -269,15 +280,15 @@ def test_cuda_chat_takes_the_fused_fast_path_by_default(tiny_toks, monkeypatch, 
     assert len(runs) == 1 and model._chatglm_decoder.fused is not None
     *_, (response, history, cache) = model.stream_chat(tok, "Hello", return_past_key_values=True, **kwargs)
     assert (response, history) == reply and len(runs) == 2
-    # the cache holds what a plain forward over the same ids computes (fp16: to rounding)
-    ids = torch.tensor([getattr(cache, CACHE_IDS_ATTR)[:-1]], device="cuda")
-    plain = model(input_ids=ids, use_cache=True).past_key_values
-    for layer_idx in range(model.config.num_layers):
-        for x, y in zip(cache_layer(cache, layer_idx), cache_layer(plain, layer_idx)):
-            torch.testing.assert_close(x, y, rtol=2e-2, atol=2e-2)
+    _holds_what_a_plain_forward_computes(model, cache)
+    # a P-tuning model takes the fused static decoder too; its cache starts with the prefix
+    tuned = tiny_model(seed=7, padded_vocab_size=512, seq_length=1024, pre_seq_len=4).half().cuda()
+    *_, (_, _, tuned_cache) = tuned.stream_chat(tok, "Hello", return_past_key_values=True, **kwargs)
+    assert type(runs[-1]) is StaticCacheRun and tuned._chatglm_decoder.fused is not None
+    _holds_what_a_plain_forward_computes(tuned, tuned_cache)
     *_, (response2, _, _) = model.stream_chat(tok, "More", history, past_key_values=cache,
                                               return_past_key_values=True, **kwargs)
-    assert len(runs) == 3 and isinstance(response2, (str, dict))
+    assert len(runs) == 4 and isinstance(response2, (str, dict))
     # the growing loop on CUDA runs the eager forward as generate() does: the same tokens greedy in a padded batch,
     # and sampled under one seed (one row: transformers < 5.23 also penalizes left padding)
     batch = tok(["Hello", "Count to ten, slowly"], return_tensors="pt", padding=True).to("cuda")

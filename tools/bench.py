@@ -55,6 +55,7 @@ def build_ours(args):
                                padded_vocab_size=65024 if args.chat else 4096, seq_length=4096)
     else:
         config = ChatGLMConfig.from_pretrained(str(REPO / "variants" / args.variant))
+    config.pre_seq_len = args.pre_seq_len or None  # a P-tuning v2 model (random prefix encoder)
     torch.manual_seed(0)
     with torch.device(args.device):
         model = ChatGLMForConditionalGeneration(config).to(getattr(torch, args.dtype)).eval()
@@ -233,6 +234,11 @@ def bench_chat(model, args, report: dict) -> None:
     peer = rates.get(("GlmForCausalLM", "generate", None))
     report["ratios"] = {f"ours {kind} [{path}] / peer generate": round(rate / peer, 2)
                         for (system, kind, path), rate in rates.items() if system == "ours" and rate and peer}
+    if not peer:  # (--no-peer, a P-tuning model): each path against the same method on transformers' generate()
+        for (system, kind, path), rate in rates.items():
+            base = rates.get(("ours", kind, "generate"))
+            if path != "generate" and rate and base:
+                report["ratios"][f"ours {kind} [{path}] / ours {kind} [generate]"] = round(rate / base, 2)
 
 
 def bench_long_prefill(model, args, report: dict) -> None:
@@ -294,12 +300,15 @@ def main() -> None:
                         help="with --chat: sample with this repetition penalty (ours and the peer)")
     parser.add_argument("--nan-guard", action="store_true",
                         help="with --chat: pass a NaN-guard logits processor, as the official demos do")
+    parser.add_argument("--pre-seq-len", type=int, default=0,
+                        help="a P-tuning v2 model with a prefix of this length (no peer: it has no prefix)")
     parser.add_argument("--capacity", type=int, default=0,
                         help="fast path: preallocate its cache for this many positions first (chat() preallocates "
                              "prompt + budget, up to the variant's max_length)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    args.no_peer = args.no_peer or bool(args.pre_seq_len)
     import_package()
     import transformers
 
