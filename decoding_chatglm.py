@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import os
 import threading
+import types
 import weakref
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -153,8 +154,8 @@ class CompiledDecoder:
         # CHATGLM_COMPILE_MODE picks torch.compile's mode (e.g. "max-autotune-no-cudagraphs": slower to build,
         # autotunes the matrix products); the CUDA graph is ours either way.
         mode = os.environ.get("CHATGLM_COMPILE_MODE") or None
-        self.steps = {k: torch.compile(f, mode=mode, fullgraph=False, dynamic=False) for k, f in steps.items()} \
-            if compile and self.fused is None else steps
+        self.steps = {k: torch.compile(_own_code(f), mode=mode, fullgraph=False, dynamic=False)
+                      for k, f in steps.items()} if compile and self.fused is None else steps
         self.graphs: dict[str, tuple[Any, torch.Tensor]] = {}
 
     def start(self, token: torch.Tensor, position: torch.Tensor, slot: int, key_valid: torch.Tensor) -> None:
@@ -228,6 +229,18 @@ class CompiledDecoder:
             output = step()
         restore()
         return graph, output
+
+
+def _own_code(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """`step` (a bound method or a function) with a code object of its own. torch.compile keeps its graphs and
+    counts recompilations (`recompile_limit`, 8) per code object, and a decoder of a new batch size or capacity
+    means new tensor shapes: shared code would make the ninth decoder of a process run its step uncompiled, which
+    fails inside the CUDA graph capture. Each decoder's graphs also go with its code when it is dropped."""
+    func = getattr(step, "__func__", step)
+    own = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__,
+                             func.__closure__)
+    bound_to = getattr(step, "__self__", None)
+    return own if bound_to is None else types.MethodType(own, bound_to)
 
 
 class FastPathBusy(RuntimeError):

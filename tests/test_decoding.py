@@ -125,6 +125,28 @@ def test_fast_path_only_takes_requests_it_serves(model64):
 
 
 @torch.no_grad()
+def test_each_decoder_compiles_its_own_step(model64):
+    """torch.compile counts recompilations per code object; a decoder for a new batch size means new shapes, so
+    decoders sharing their step's code would, after `recompile_limit` of them, run it uncompiled (and fail inside
+    a CUDA graph capture). With the limit at 1, every decoder must still compile its own step."""
+    from torch._dynamo import config as dynamo_config
+    from torch._dynamo.utils import counters
+
+    from chatglm.decoding_chatglm import CompiledDecoder
+
+    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    with dynamo_config.patch(**{limit: 1}):
+        for batch in (1, 2):
+            decoder = CompiledDecoder(model64, batch, 32, compile=True)
+            decoder.start(torch.full((batch, 1), 5), torch.zeros(batch, 1, dtype=torch.long), 0,
+                          torch.ones(batch, 0, dtype=torch.bool))
+            compiled = counters["frames"]["ok"]
+            logits = decoder.run("logits")
+            assert counters["frames"]["ok"] == compiled + 1, f"batch {batch}: the step ran uncompiled"
+            assert logits.shape == (batch, model64.config.padded_vocab_size)
+
+
+@torch.no_grad()
 def test_fast_generate_prefill_attends_to_the_prompt_slots_only(model64, monkeypatch):
     """The prompt goes into a cache preallocated for prompt + new tokens; its attention reads the written slots
     only, causally and without a mask (not a [prompt, capacity] mask over the whole allocation)."""
