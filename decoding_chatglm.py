@@ -318,6 +318,13 @@ class DecodeRun:
     def close(self) -> None:
         """End the run (a stream closed early included), giving back what it holds."""
 
+    def _forward_prompt(self, model: torch.nn.Module, cache: Any) -> torch.Tensor:
+        """The prompt after the `held` tokens `cache` already has, into it → last-position logits [b, vocab] fp32."""
+        out = model(input_ids=self.input_ids[:, self.held:], attention_mask=self.attention_mask,
+                    position_ids=self.position_ids[:, self.held:], past_key_values=cache, use_cache=True,
+                    return_last_logit=True)
+        return out.logits[:, -1].float()
+
     def _pick(self, step: int) -> torch.Tensor:
         """The token of `step` from the last logits → [b, 1]. In generate()'s order: the repetition penalty on every
         id the row holds, eos ids excluded before min_new_tokens, the caller's logits processors (given the ids so
@@ -389,10 +396,7 @@ class StaticCacheRun(DecodeRun):
             cache.keys[layer_idx][:, :, :start].copy_(key)
             cache.values[layer_idx][:, :, :start].copy_(value)
         cache.length = start
-        out = model(input_ids=self.input_ids[:, self.held:], attention_mask=self.attention_mask,
-                    position_ids=self.position_ids[:, self.held:], past_key_values=cache, use_cache=True,
-                    return_last_logit=True)
-        return out.logits[:, -1].float()
+        return self._forward_prompt(model, cache)
 
     def steps(self, stream: bool) -> Iterator[torch.Tensor]:
         """Decode. Each step launches the next one before the host looks at its token, so the GPU keeps working.
@@ -470,10 +474,7 @@ class GrowingCacheRun(DecodeRun):
     def _open(self, model: torch.nn.Module, past: Any, compile: bool) -> torch.Tensor:
         self.model = model
         self.cache = new_dynamic_cache() if past is None else past
-        out = model(input_ids=self.input_ids[:, self.held:], attention_mask=self.attention_mask,
-                    position_ids=self.position_ids[:, self.held:], past_key_values=self.cache, use_cache=True,
-                    return_last_logit=True)
-        return out.logits[:, -1].float()
+        return self._forward_prompt(model, self.cache)
 
     def steps(self, stream: bool) -> Iterator[torch.Tensor]:
         """Each token is fed to the model when the next one is asked for, so a stream closed after step k leaves the
