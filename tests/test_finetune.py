@@ -153,15 +153,16 @@ def folder(tmp_path_factory) -> Dict[str, Path]:
 def run(folder: Dict[str, Path], name: str, *extra: str) -> tuple:
     out = folder["root"] / name
     args = finetune.parse_args(["--model", str(folder["model"]), "--data", str(folder["data"]), "--out", str(out),
-                                "--logging-steps", "5", "--scheduler", "constant", *extra])
+                                "--logging-steps", "5", "--scheduler", "constant", "--dtype", "float32", *extra])
     model, summary = finetune.train(args)
     return model.eval(), summary, out
 
 
 def logits(model, tok) -> torch.Tensor:
-    inputs = tok.build_chat_input("Hello world")
+    """Logits of a chat prompt, on the CPU (Trainer leaves a trained model on the GPU where there is one)."""
+    inputs = tok.build_chat_input("Hello world").to(model.device)
     with torch.no_grad():
-        return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"]).logits.float()
+        return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"]).logits.float().cpu()
 
 
 def base(folder):

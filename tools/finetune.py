@@ -221,7 +221,10 @@ def train(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
     save(model, tokenizer, args)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary = {"examples": len(examples), "cut_to_max_length": cut, "steps": result.global_step,
-               "train_loss": result.training_loss, "logged_losses": losses, "out": str(args.out)}
+               "train_loss": result.training_loss, "logged_losses": losses,
+               "train_seconds": result.metrics.get("train_runtime"), "out": str(args.out)}
+    if cuda:
+        summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print(json.dumps(summary))
     return model, summary
 
