@@ -128,6 +128,7 @@ def test_stop_strings_cut_the_reply(served):
     ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, "repetition_penalty"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": "abc"}, "seed must be a number"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, "longer than|seq_length|max"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text parts"),
 ])
@@ -189,3 +190,16 @@ def test_chatglm2_mapping():
         chatglm2_conversation([{"role": "system", "content": "s"}, {"role": "user", "content": "c"}], None)
     with pytest.raises(RequestError, match="ChatGLM3"):
         chatglm2_conversation([{"role": "user", "content": "c"}], [{"type": "function", "function": WEATHER}])
+
+
+def test_seed_makes_sampling_repeatable_and_equal_to_chat(served):
+    import torch
+
+    messages, history, query = conversation(served["family"])
+    body = {"messages": messages, "temperature": 0.9, "top_p": 0.95, "max_tokens": 12, "seed": 3}
+    first, second = (json.loads(post(served, body)[1])["choices"][0]["message"]["content"] for _ in range(2))
+    assert first == second
+    torch.manual_seed(3)
+    expected, _ = served["model"].chat(served["tok"], query, history=history, temperature=0.9, top_p=0.95,
+                                       max_new_tokens=12)
+    assert first == expected

@@ -17,7 +17,7 @@ from typing import Any, List, Optional, Sequence, TextIO
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune import DTYPES, load_finetuned  # noqa: E402
+from finetune import DTYPES, chat_family, load_finetuned  # noqa: E402
 
 CLEAR, STOP = "clear", "stop"
 
@@ -41,7 +41,7 @@ def new_history(tokenizer: Any, system: Optional[str]) -> List[Any]:
     """An empty conversation; ChatGLM3 starts with the system message when one is given."""
     if system is None:
         return []
-    if getattr(tokenizer, "chat_format", "chatglm3") != "chatglm3":
+    if chat_family(tokenizer) != "chatglm3":
         raise ValueError("--system needs a ChatGLM3 model: ChatGLM2 prompts have no system message")
     return [{"role": "system", "content": system}]
 

@@ -120,7 +120,7 @@ def chatglm2_examples(tokenizer: Any, messages: Sequence[Mapping[str, Any]]) -> 
     """One example per assistant turn: the [Round N] prompt of its query after the earlier turns, then the reply and
     eos (labels on the reply and eos only)."""
     roles = [m.get("role") if isinstance(m, Mapping) else None for m in messages]
-    if roles != ["user", "assistant"] * (len(messages) // 2) or len(messages) % 2:
+    if roles != ["user", "assistant"] * (len(messages) // 2):
         raise ValueError(f"ChatGLM2 conversations alternate user and assistant messages, got roles {roles}")
     examples, history = [], []
     for query, reply in zip(messages[0::2], messages[1::2]):
@@ -157,6 +157,8 @@ def load_for_training(args: argparse.Namespace) -> Tuple[Any, Any]:
     """(model, tokenizer) with exactly the parameters of ``args.method`` trainable, those in float32."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    if args.quantization_bit and args.method != "ptuning":
+        raise ValueError("--quantization-bit trains a prefix over a quantized model: use it with --method ptuning")
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     overrides = dict(pre_seq_len=args.pre_seq_len, prefix_projection=args.prefix_projection) \
         if args.method == "ptuning" else {}
@@ -165,8 +167,6 @@ def load_for_training(args: argparse.Namespace) -> Tuple[Any, Any]:
     model = AutoModel.from_pretrained(args.model, config=config, trust_remote_code=True,
                                       torch_dtype=DTYPES[args.dtype])
     if args.quantization_bit:
-        if args.method != "ptuning":
-            raise ValueError("--quantization-bit trains a prefix over a quantized model: use it with --method ptuning")
         model = model.quantize(args.quantization_bit)
     if args.method == "lora":
         model = _with_lora(model, args)

@@ -29,9 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_demo import load  # noqa: E402  (it also makes our modules importable as package `chatglm`)
+from finetune import chat_family  # noqa: E402
 from chatglm.chat_chatglm import CACHE_IDS_ATTR  # noqa: E402  (the ids a cache from stream_chat holds)
 
 MAX_BODY_BYTES = 16 * 2**20
+NUMERIC_FIELDS = {"max_tokens": ("max_new_tokens", int), "max_completion_tokens": ("max_new_tokens", int),
+                  "top_p": ("top_p", float), "repetition_penalty": ("repetition_penalty", float),
+                  "seed": ("seed", int)}  # request field → (setting, type)
 TOOLS_SYSTEM_PROMPT = "You can call the following tools when they help to answer:"
 
 
@@ -133,7 +137,7 @@ class ChatService:
 
     def __init__(self, model: Any, tokenizer: Any, name: str):
         self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.family = getattr(tokenizer, "chat_format", "chatglm3")
+        self.family = chat_family(tokenizer)
         self.stop_ids = set(getattr(tokenizer, "stop_token_ids", None) or [tokenizer.eos_token_id])
         self.lock = threading.Lock()
 
@@ -144,8 +148,7 @@ class ChatService:
             if request.get(name):
                 raise RequestError(f"{name} is not supported; use repetition_penalty (e.g. 1.1)")
         settings: Dict[str, Any] = {}
-        for key, target, kind in (("max_tokens", "max_new_tokens", int), ("max_completion_tokens", "max_new_tokens",
-                                  int), ("top_p", "top_p", float), ("repetition_penalty", "repetition_penalty", float)):
+        for key, (target, kind) in NUMERIC_FIELDS.items():
             if request.get(key) is not None:
                 if not isinstance(request[key], (int, float)) or isinstance(request[key], bool):
                     raise RequestError(f"{key} must be a number")
@@ -171,6 +174,7 @@ class ChatService:
         convert = chatglm3_conversation if self.family == "chatglm3" else chatglm2_conversation
         query, role, history = convert(messages, request.get("tools"))
         settings = self._settings(request)
+        seed = settings.pop("seed", None)
         stops = request.get("stop") or []
         stops = [stops] if isinstance(stops, str) else stops
         if not all(isinstance(s, str) and s for s in stops):
@@ -180,8 +184,8 @@ class ChatService:
         except ValueError as err:
             raise RequestError(str(err)) from None
         with self.lock:
-            if request.get("seed") is not None:
-                torch.manual_seed(int(request["seed"]))
+            if seed is not None:
+                torch.manual_seed(seed)
             yield from self._generate(query, role, history, settings, stops, prompt_tokens,
                                       streamable=not request.get("tools"))
 
