@@ -14,6 +14,7 @@ Works on transformers 4.30.2 through 5.x; version differences live in the "compa
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import shutil
@@ -81,6 +82,18 @@ def _compat_register_auto_class(cls: type) -> None:
     this file (and chat_format.py) next to the saved config. Register when loaded as remote code."""
     if getattr(cls, "_auto_class", None) is None and cls.__module__.startswith("transformers_modules."):
         cls.register_for_auto_class("AutoTokenizer")
+
+
+#: transformers 4.34 – 4.4x compile chat templates in a method, with Jinja's own ``tojson`` (HTML-escaped, keys
+#: sorted, text as \u escapes); later releases compile them elsewhere, with a ``tojson`` that is ``json.dumps``.
+BASE_COMPILES_TEMPLATES = hasattr(PreTrainedTokenizer, "_compile_jinja_template")
+
+
+def _compat_tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
+                   sort_keys: bool = False) -> str:
+    """The ``tojson`` filter of newer transformers, for the older ones: the tools JSON must be the text
+    ``build_chat_input`` writes (``json.dumps(tools, indent=4, ensure_ascii=False)``)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _compat_call_kwargs(kwargs: Dict[str, Any]) -> Optional[str]:
@@ -546,6 +559,18 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
                 )
             with self._markup_mode(dialect):
                 return base(conversation, *args, **kwargs)
+
+    if BASE_COMPILES_TEMPLATES:
+
+        def _compile_jinja_template(self, chat_template: str) -> Any:
+            import jinja2.filters
+
+            compiled = super()._compile_jinja_template(chat_template)
+            filters = compiled.environment.filters
+            if filters.get("tojson") is jinja2.filters.do_tojson:  # Jinja's own, not transformers' json.dumps
+                # looked up when the template renders; called as the compiled code calls Jinja's (context first)
+                filters["tojson"] = jinja2.pass_eval_context(lambda _context, value, **kw: _compat_tojson(value, **kw))
+            return compiled
 
     # ------------------------------------------------------------------ padding
     def _pad(

@@ -3,6 +3,7 @@ tiny sentencepiece model trained here (always run). Runs on transformers 4.30.2 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import shutil
 import types
@@ -673,8 +674,13 @@ def test_tiny_apply_chat_template(tiny3_auto, messages):
     assert all(i < n for i in tiny3_auto.encode(text, add_special_tokens=False))
 
 
-@pytest.mark.skipif(not BASE_HAS_CHAT_TEMPLATE, reason=NO_CHAT_TEMPLATE)
-def test_tiny_apply_chat_template_api(tiny3_auto, tiny_model_file, tmp_path):
+TEMPLATE_PARAMS = inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters \
+    if BASE_HAS_CHAT_TEMPLATE else {}
+
+
+@pytest.mark.skipif("return_dict" not in TEMPLATE_PARAMS, reason="apply_chat_template has no return_dict before "
+                    f"transformers 4.38 (this is {transformers.__version__})")
+def test_tiny_apply_chat_template_dict_and_batch(tiny3_auto):
     messages = [{"role": "user", "content": "Hello"}]
     tensors = tiny3_auto.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     assert tensors["input_ids"].tolist() == tiny3_auto.build_chat_input("Hello")["input_ids"].tolist()
@@ -682,9 +688,23 @@ def test_tiny_apply_chat_template_api(tiny3_auto, tiny_model_file, tmp_path):
     batch = tiny3_auto.apply_chat_template([messages, messages + [{"role": "assistant", "content": "Hi!"}]],
                                            padding=True, return_dict=True)
     assert batch["attention_mask"][0][0] == 0 and batch["position_ids"][0][0] == 0
+
+
+@pytest.mark.skipif("tools" not in TEMPLATE_PARAMS, reason="apply_chat_template has no tools argument before "
+                    f"transformers 4.42 (this is {transformers.__version__})")
+def test_tiny_apply_chat_template_tools_argument(tiny3_auto):
+    messages = [{"role": "user", "content": "Hello"}]
     tools = [{"type": "function", "function": {"name": "w", "parameters": {}}}]
     got = ids_of(tiny3_auto.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
     assert got == tiny3_auto.build_chat_input("Hello", [{"role": "system", "content": "", "tools": [tools[0]["function"]]}]).input_ids[0].tolist()
+
+
+@pytest.mark.skipif(not BASE_HAS_CHAT_TEMPLATE, reason=NO_CHAT_TEMPLATE)
+def test_tiny_apply_chat_template_api(tiny3_auto, tiny_model_file, tmp_path):
+    messages = [{"role": "user", "content": "Hello"}]
+    tensors = tiny3_auto.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = tensors["input_ids"] if hasattr(tensors, "keys") else tensors  # transformers 5 returns a dict by default
+    assert ids.tolist() == tiny3_auto.build_chat_input("Hello")["input_ids"].tolist()
     for bad in ([{"role": "robot", "content": "x"}], [{"role": "user", "content": ["x"]}]):
         with pytest.raises(Exception, match="role|string"):
             tiny3_auto.apply_chat_template(bad)
