@@ -80,6 +80,11 @@ class KVCache:
 CACHE_TYPES: tuple[type, ...] = (KVCache,) if _HFCache is None else (KVCache, _HFCache)
 
 
+#: transformers >= 4.42 builds a StaticCache for `generate(cache_implementation="static")` on any model; 4.38-4.41
+#: asked the model for a `_setup_cache` hook (LLaMA-style attention modules) and older ones have no static cache.
+GENERATE_BUILDS_STATIC_CACHE = hasattr(GenerationMixin, "_get_cache")
+
+
 def new_dynamic_cache() -> Any:
     """An empty growing cache of the kind the running transformers' generate() understands."""
     return KVCache() if _HFDynamicCache is None else _HFDynamicCache()
@@ -129,10 +134,17 @@ def crop_cache(cache: Any, keep: int) -> bool:
     A negative count (remove that many from the end) is the form `crop` accepts on every version: transformers
     5.x rejects a positive length, and our KVCache slices either way.
     """
-    if not hasattr(cache, "crop"):
-        return False
-    cache.crop(keep - cache_length(cache))
-    return True
+    if hasattr(cache, "crop"):
+        cache.crop(keep - cache_length(cache))
+        return True
+    if isinstance(getattr(cache, "key_cache", None), list) and not cache_is_static(cache):
+        # transformers 4.36-4.38's DynamicCache: lists of [b, kv_heads, seq, d] and a count, but no crop()
+        cache.key_cache = [k[..., :keep, :] for k in cache.key_cache]
+        cache.value_cache = [v[..., :keep, :] for v in cache.value_cache]
+        if hasattr(cache, "seen_tokens"):
+            cache.seen_tokens = keep
+        return True
+    return False
 
 
 def cache_is_static(cache: Any) -> bool:
@@ -268,7 +280,7 @@ def set_attn_implementation(config: Any, name: str) -> None:
 
 
 __all__: Sequence[str] = (
-    "KVCache", "CACHE_TYPES", "SDPA_ENABLE_GQA", "GenerationMixin", "GradientCheckpointingMixin", "as_cache",
-    "attn_implementation", "cache_is_static", "cache_layer", "cache_length", "crop_cache", "is_compiling",
-    "new_dynamic_cache", "reorder_cache", "sdpa", "set_attn_implementation", "static_cache_capacity",
+    "KVCache", "CACHE_TYPES", "SDPA_ENABLE_GQA", "GENERATE_BUILDS_STATIC_CACHE", "GenerationMixin",
+    "GradientCheckpointingMixin", "as_cache", "attn_implementation", "cache_is_static", "cache_layer", "cache_length",
+    "crop_cache", "is_compiling", "new_dynamic_cache", "reorder_cache", "sdpa", "set_attn_implementation", "static_cache_capacity",
 )

@@ -25,6 +25,7 @@ from .chat_chatglm import ChatGLMChatMixin
 # transformers 4.30 copies into its module cache only the modules this file imports itself (not their imports):
 from .chat_format import CHATGLM3 as _CHATGLM3  # noqa: F401  (imported by chat_chatglm)
 from .compat_chatglm import (
+    GENERATE_BUILDS_STATIC_CACHE,
     SDPA_ENABLE_GQA,
     GenerationMixin,
     GradientCheckpointingMixin,
@@ -777,15 +778,22 @@ class ChatGLMGenerationMixin(GenerationMixin):
     """
 
     def generate(self, *args: Any, **kwargs: Any):
-        """transformers' generate(). With `cache_implementation="static"` on CUDA, requests the fast path can serve
-        identically (greedy/sampling, no beams or processors; see decoding_chatglm) run on `fast_generate`."""
+        """transformers' generate(). With `cache_implementation="static"`, requests our decode loop serves
+        identically (greedy or sampling; see decoding_chatglm.loop_serves) run on `fast_generate`: on CUDA, and on
+        every device where transformers' generate() builds no static cache for this model (< 4.42)."""
         if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
             kwargs["input_ids"], args = args[0], args[1:]
-        if not args and self.device.type == "cuda" and fast_path_supports(self, kwargs):
+        ours = self.device.type == "cuda" or not GENERATE_BUILDS_STATIC_CACHE
+        if not args and ours and fast_path_supports(self, kwargs):
             try:
                 return fast_generate(self, **kwargs)
             except FastPathBusy:  # another thread or an open stream holds our decoder: transformers' own path
-                logger.info("fast path busy; this generate() runs on transformers' static cache")
+                logger.info("fast path busy; this generate() runs on transformers' own loop")
+        if kwargs.get("cache_implementation") == "static" and not GENERATE_BUILDS_STATIC_CACHE:
+            logger.warning_once("this transformers' generate() builds no static cache for this model, and the "
+                                "request is one our decode loop does not serve: it runs on a growing cache (same "
+                                "tokens); transformers >= 4.42 has the static cache")
+            kwargs.pop("cache_implementation")
         return super().generate(*args, **kwargs)
 
     def fast_generate(self, input_ids: torch.LongTensor, **kwargs: Any) -> torch.LongTensor:

@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_config, tiny_model
 
-from chatglm.compat_chatglm import as_cache, cache_layer, new_dynamic_cache
+from chatglm.compat_chatglm import as_cache, cache_layer, cache_length, crop_cache, new_dynamic_cache
 from chatglm.modeling_chatglm import ChatGLMForConditionalGeneration
 
 PROMPT_LENGTHS = (3, 7, 11)
@@ -167,12 +167,12 @@ def test_prompt_in_pieces_equals_one_forward(cache_kind, attn):
 
 
 @torch.no_grad()
-def test_static_cache_generate_matches_dynamic(model64):
-    cache_utils = pytest.importorskip("transformers.cache_utils")
-    if not hasattr(cache_utils, "StaticCache"):
-        pytest.skip("this transformers has no StaticCache")
+@pytest.mark.parametrize("beams", [1, 2])
+def test_static_cache_generate_matches_dynamic(model64, beams):
+    """On every version: transformers' static cache (>= 4.42), or where it builds none our decode loop's (greedy)
+    or a growing cache (beams)."""
     ids, mask = left_pad(random_prompts(seed=9))
-    kwargs = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0)
+    kwargs = dict(max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0, num_beams=beams)
     dynamic = model64.generate(input_ids=ids, attention_mask=mask, **kwargs)
     static = model64.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
     assert torch.equal(dynamic, static)
@@ -438,3 +438,30 @@ def test_labels_with_kept_logits_are_refused(model64, flag):
     ids = random_prompts(seed=43, lengths=(6,))[0][None]
     with pytest.raises(ValueError, match="labels need the logits of every position"):
         model64(input_ids=ids, labels=ids, **flag)
+
+
+class _ListCache:
+    """transformers 4.36-4.38's DynamicCache as crop_cache sees it: key/value lists and a count, no crop()."""
+
+    def __init__(self, keys, values):
+        self.key_cache, self.value_cache, self.seen_tokens = list(keys), list(values), keys[0].shape[-2]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.key_cache[layer_idx].shape[-2]
+
+
+@pytest.mark.parametrize("kind", ["current", "lists without crop()"])
+def test_crop_cache_keeps_the_first_positions(kind):
+    keys = [torch.randn(2, 2, 9, 4) for _ in range(3)]
+    values = [torch.randn(2, 2, 9, 4) for _ in range(3)]
+    if kind == "current":
+        cache = as_cache(tuple(zip(keys, values)))
+    else:
+        cache = _ListCache(keys, values)
+    assert crop_cache(cache, 5)
+    assert cache_length(cache) == 5
+    for layer in range(3):
+        key, value = cache_layer(cache, layer)
+        assert torch.equal(key, keys[layer][:, :, :5]) and torch.equal(value, values[layer][:, :, :5])
+    if kind != "current":
+        assert cache.seen_tokens == 5
