@@ -23,6 +23,11 @@ except ImportError:  # transformers < 4.36 passes caches around as tuples
     _HFCache = None
     _HFDynamicCache = None
 
+try:  # transformers >= 4.38; before 4.4x its instances do not say `is_compileable`
+    from transformers.cache_utils import StaticCache as _HFStaticCache
+except ImportError:
+    _HFStaticCache = None
+
 try:  # explicit base since transformers 4.50 stopped mixing it into PreTrainedModel
     from transformers.generation import GenerationMixin
 except ImportError:  # pragma: no cover - very old layouts
@@ -149,7 +154,10 @@ def crop_cache(cache: Any, keep: int) -> bool:
 
 def cache_is_static(cache: Any) -> bool:
     """True for preallocated caches (StaticCache): their length is the allocation, not the content."""
-    return bool(getattr(cache, "is_compileable", False)) and not isinstance(cache, KVCache)
+    if isinstance(cache, KVCache):
+        return False
+    return bool(getattr(cache, "is_compileable", False)) or (_HFStaticCache is not None
+                                                               and isinstance(cache, _HFStaticCache))
 
 
 def static_cache_capacity(cache: Any) -> int:
