@@ -152,6 +152,13 @@ class ChatGLMConfig(PretrainedConfig):
             return float(self.rope_ratio)
         return 1.0
 
+    def to_dict(self) -> dict[str, Any]:
+        """The saved fields; without `_attn_implementation_autoset`, the runtime flag transformers 4.46-4.47 write
+        into a model's config.json, which makes the next `from_pretrained` fall back to eager attention."""
+        output = super().to_dict()
+        output.pop("_attn_implementation_autoset", None)
+        return output
+
     def validate_chatglm(self) -> None:
         """Raise ValueError for values the model cannot be built from, naming the field and the fix."""
         positive = ("num_layers", "padded_vocab_size", "hidden_size", "ffn_hidden_size", "kv_channels",

@@ -22,7 +22,10 @@ from glm_peer import glm_peer  # noqa: E402
 @torch.no_grad()
 def test_logits_equal_glm_for_causal_lm(rope):
     model = tiny_model(seed=21, seq_length=4096, **rope)
-    peer = glm_peer(model, attn_implementation="eager")
+    try:
+        peer = glm_peer(model, attn_implementation="eager")
+    except NotImplementedError as err:  # transformers 4.46-4.47: no position interpolation in GlmForCausalLM
+        pytest.skip(str(err))
     g = torch.Generator().manual_seed(21)
     ids = torch.randint(10, 512, (2, 9), generator=g)
     mask = torch.ones_like(ids)

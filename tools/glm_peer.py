@@ -68,6 +68,15 @@ def glm_peer(model: torch.nn.Module, attn_implementation: str = "sdpa") -> torch
              glm_state_dict(model.state_dict(), model.config).items()}
     peer.load_state_dict(state, strict=True, assign=True)
     # The rotary frequencies are a computed buffer, still on meta: build the module again on the real device.
+    rotary = type(peer.model.rotary_emb)
     with torch.device(param.device):
-        peer.model.rotary_emb = type(peer.model.rotary_emb)(config=config)
+        if "config" in inspect.signature(rotary.__init__).parameters:
+            peer.model.rotary_emb = rotary(config=config)
+        else:  # transformers 4.46-4.47 build it from numbers, and it has no position scaling
+            if getattr(config, "rope_scaling", None):
+                raise NotImplementedError("GlmForCausalLM of this transformers has no rope scaling (position "
+                                          "interpolation, chatglm2-6b-32k); transformers >= 4.48 has it")
+            peer.model.rotary_emb = rotary(dim=config.head_dim // 2,
+                                           max_position_embeddings=config.max_position_embeddings,
+                                           base=config.rope_theta)
     return peer.eval()
