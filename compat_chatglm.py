@@ -28,6 +28,12 @@ try:  # transformers >= 4.38; before 4.4x its instances do not say `is_compileab
 except ImportError:
     _HFStaticCache = None
 
+try:  # transformers >= 5: init functions that leave tensors loaded from a checkpoint alone (5.0 runs the model's
+    # weight init after loading and relies on them)
+    from transformers import initialization as weight_init
+except ImportError:
+    weight_init = torch.nn.init
+
 try:  # explicit base since transformers 4.50 stopped mixing it into PreTrainedModel
     from transformers.generation import GenerationMixin
 except ImportError:  # pragma: no cover - very old layouts
@@ -290,5 +296,5 @@ def set_attn_implementation(config: Any, name: str) -> None:
 __all__: Sequence[str] = (
     "KVCache", "CACHE_TYPES", "SDPA_ENABLE_GQA", "GENERATE_BUILDS_STATIC_CACHE", "GenerationMixin",
     "GradientCheckpointingMixin", "as_cache", "attn_implementation", "cache_is_static", "cache_layer", "cache_length",
-    "crop_cache", "is_compiling", "new_dynamic_cache", "reorder_cache", "sdpa", "set_attn_implementation", "static_cache_capacity",
+    "crop_cache", "is_compiling", "new_dynamic_cache", "weight_init", "reorder_cache", "sdpa", "set_attn_implementation", "static_cache_capacity",
 )

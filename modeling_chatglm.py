@@ -37,8 +37,9 @@ from .compat_chatglm import (
     is_compiling,
     reorder_cache,
     sdpa,
-    static_cache_capacity,
     set_attn_implementation,
+    static_cache_capacity,
+    weight_init,
 )
 from .configuration_chatglm import ChatGLMConfig
 from .decode_kernels_chatglm import FUSED_ENV as _FUSED_ENV  # noqa: F401  (imported by decoding_chatglm)
@@ -562,13 +563,13 @@ class ChatGLMPreTrainedModel(GradientCheckpointingMixin, PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         std = 0.02
         if isinstance(module, nn.Linear):
-            module.weight.data.normal_(0.0, std)
+            weight_init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                module.bias.data.zero_()
+                weight_init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            module.weight.data.normal_(0.0, std)
+            weight_init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
-            module.weight.data.fill_(1.0)
+            weight_init.ones_(module.weight)
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
