@@ -680,20 +680,20 @@ TEMPLATE_PARAMS = inspect.signature(PreTrainedTokenizerBase.apply_chat_template)
 
 @pytest.mark.skipif("return_dict" not in TEMPLATE_PARAMS, reason="apply_chat_template has no return_dict before "
                     f"transformers 4.38 (this is {transformers.__version__})")
-def test_tiny_apply_chat_template_dict_and_batch(tiny3_auto):
+def test_tiny_apply_chat_template_dict(tiny3_auto):
     messages = [{"role": "user", "content": "Hello"}]
     tensors = tiny3_auto.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     assert tensors["input_ids"].tolist() == tiny3_auto.build_chat_input("Hello")["input_ids"].tolist()
     assert "position_ids" in tensors
+
+
+@pytest.mark.skipif("tools" not in TEMPLATE_PARAMS, reason="apply_chat_template takes no tools and no batch of "
+                    f"conversations before transformers 4.42 (this is {transformers.__version__})")
+def test_tiny_apply_chat_template_batch_and_tools(tiny3_auto):
+    messages = [{"role": "user", "content": "Hello"}]
     batch = tiny3_auto.apply_chat_template([messages, messages + [{"role": "assistant", "content": "Hi!"}]],
                                            padding=True, return_dict=True)
     assert batch["attention_mask"][0][0] == 0 and batch["position_ids"][0][0] == 0
-
-
-@pytest.mark.skipif("tools" not in TEMPLATE_PARAMS, reason="apply_chat_template has no tools argument before "
-                    f"transformers 4.42 (this is {transformers.__version__})")
-def test_tiny_apply_chat_template_tools_argument(tiny3_auto):
-    messages = [{"role": "user", "content": "Hello"}]
     tools = [{"type": "function", "function": {"name": "w", "parameters": {}}}]
     got = ids_of(tiny3_auto.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
     assert got == tiny3_auto.build_chat_input("Hello", [{"role": "system", "content": "", "tools": [tools[0]["function"]]}]).input_ids[0].tolist()
