@@ -296,5 +296,6 @@ def set_attn_implementation(config: Any, name: str) -> None:
 __all__: Sequence[str] = (
     "KVCache", "CACHE_TYPES", "SDPA_ENABLE_GQA", "GENERATE_BUILDS_STATIC_CACHE", "GenerationMixin",
     "GradientCheckpointingMixin", "as_cache", "attn_implementation", "cache_is_static", "cache_layer", "cache_length",
-    "crop_cache", "is_compiling", "new_dynamic_cache", "weight_init", "reorder_cache", "sdpa", "set_attn_implementation", "static_cache_capacity",
+    "crop_cache", "is_compiling", "new_dynamic_cache", "reorder_cache", "sdpa", "set_attn_implementation",
+    "static_cache_capacity", "weight_init",
 )

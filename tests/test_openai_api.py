@@ -123,7 +123,8 @@ def test_stop_strings_cut_the_reply(served):
 @pytest.mark.parametrize("body, message", [
     ({"messages": []}, "messages must be a non-empty list"),
     ({"messages": [{"role": "bot", "content": "hi"}]}, "'bot'"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "last message|ChatGLM2"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+     "last message|ChatGLM2"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n must be 1"),
     ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, "repetition_penalty"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature"),

@@ -78,7 +78,8 @@ def _messages(record: Any) -> List[Dict[str, Any]]:
         messages = []
         for query, response in validate_chatglm2_history(record.get("history")):
             messages += [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
-        messages += [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+        messages += [{"role": "user", "content": record["prompt"]},
+                     {"role": "assistant", "content": record["response"]}]
     if not isinstance(messages, list) or not messages:
         raise ValueError('expected {"conversations": [messages]} or {"prompt": ..., "response": ...}, got keys '
                          f"{sorted(record)}")
