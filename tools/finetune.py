@@ -14,7 +14,8 @@ message (its metadata line and content) and the token that ends it — the next 
 message. An assistant message with "loss": false is context only. ChatGLM2 models (the [Round N] prompt) get one
 example per assistant turn, with the turns before it as history, the layout their chat() builds.
 
-Training is transformers' Trainer (mixed precision, gradient accumulation, torchrun all work as usual). OUT gets
+Training is transformers' Trainer: mixed precision, gradient accumulation, and data parallel under `torchrun
+--nproc_per_node N` (each GPU holds the whole model; the first process writes the result). OUT gets
 finetune_args.json and, by method:
     lora     the PEFT adapter (needs `pip install peft`); with --merge also OUT/merged, a full model folder
     ptuning  prefix_encoder.safetensors, the only trained weights (pre_seq_len / prefix_projection in the args file)
@@ -219,14 +220,17 @@ def train(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
         fp16=cuda and args.dtype == "float16", bf16=cuda and args.dtype == "bfloat16")
     trainer = Trainer(model=model, args=training_args, train_dataset=examples, data_collator=collator)
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
-    save(model, tokenizer, args)
+    main_process = trainer.is_world_process_zero()  # under torchrun, one process writes the result
+    if main_process:
+        save(model, tokenizer, args)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary = {"examples": len(examples), "cut_to_max_length": cut, "steps": result.global_step,
                "train_loss": result.training_loss, "logged_losses": losses,
                "train_seconds": result.metrics.get("train_runtime"), "out": str(args.out)}
     if cuda:
         summary["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    print(json.dumps(summary))
+    if main_process:
+        print(json.dumps(summary))
     return model, summary
 
 
