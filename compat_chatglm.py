@@ -149,11 +149,12 @@ def crop_cache(cache: Any, keep: int) -> bool:
         cache.crop(keep - cache_length(cache))
         return True
     if isinstance(getattr(cache, "key_cache", None), list) and not cache_is_static(cache):
-        # transformers 4.36-4.38's DynamicCache: lists of [b, kv_heads, seq, d] and a count, but no crop()
+        # transformers 4.36-4.40's DynamicCache: lists of [b, kv_heads, seq, d] and a count, but no crop()
         cache.key_cache = [k[..., :keep, :] for k in cache.key_cache]
         cache.value_cache = [v[..., :keep, :] for v in cache.value_cache]
-        if hasattr(cache, "seen_tokens"):
-            cache.seen_tokens = keep
+        count = next((name for name in ("_seen_tokens", "seen_tokens") if name in vars(cache)), None)
+        if count is not None:  # the attribute itself: 4.40 puts a read-only property in front of _seen_tokens
+            setattr(cache, count, keep)
         return True
     return False
 
