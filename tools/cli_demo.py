@@ -81,13 +81,18 @@ def converse(model: Any, tokenizer: Any, lines: TextIO, out: TextIO, system: Opt
         replies += 1
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments `load` reads: --model, --finetuned, --device, --dtype, --quantize."""
     parser.add_argument("--model", required=True, help="model folder (weights, configs, code, tokenizer)")
     parser.add_argument("--finetuned", default=None, help="a tools/finetune.py output folder to apply")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float16 on CUDA, else float32")
     parser.add_argument("--quantize", type=int, choices=(4, 8), default=None, help="int4/int8 weight-only")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
     parser.add_argument("--system", default=None, help="ChatGLM3 system message")
     parser.add_argument("--max-length", type=int, default=None, help="conversation tokens (default: the variant's)")
     parser.add_argument("--temperature", type=float, default=None)

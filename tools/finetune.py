@@ -155,19 +155,28 @@ def build_examples(tokenizer: Any, conversations: Iterable[Sequence[Mapping[str,
 
 
 # --------------------------------------------------------------------------------------------------- model
-def load_for_training(args: argparse.Namespace) -> Tuple[Any, Any]:
-    """(model, tokenizer) with exactly the parameters of ``args.method`` trainable, those in float32."""
+def _load(source: str, torch_dtype: Optional[torch.dtype], **config_fields: Any) -> Tuple[Any, Any]:
+    """(model, tokenizer) of a model folder, its config changed by ``config_fields``."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
+    config = AutoConfig.from_pretrained(source, trust_remote_code=True, **config_fields)
+    model = AutoModel.from_pretrained(source, config=config, trust_remote_code=True, torch_dtype=torch_dtype)
+    return model, tokenizer
+
+
+def _prefix_fields(settings: Mapping[str, Any]) -> Dict[str, Any]:
+    """The config fields a P-tuning run sets (pre_seq_len, prefix_projection), from its arguments; else none."""
+    if settings.get("method") != "ptuning":
+        return {}
+    return {name: settings[name] for name in ("pre_seq_len", "prefix_projection")}
+
+
+def load_for_training(args: argparse.Namespace) -> Tuple[Any, Any]:
+    """(model, tokenizer) with exactly the parameters of ``args.method`` trainable, those in float32."""
     if args.quantization_bit and args.method != "ptuning":
         raise ValueError("--quantization-bit trains a prefix over a quantized model: use it with --method ptuning")
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
-    overrides = dict(pre_seq_len=args.pre_seq_len, prefix_projection=args.prefix_projection) \
-        if args.method == "ptuning" else {}
-    config = AutoConfig.from_pretrained(args.model, trust_remote_code=True, **overrides)
-    config.use_cache = False
-    model = AutoModel.from_pretrained(args.model, config=config, trust_remote_code=True,
-                                      torch_dtype=DTYPES[args.dtype])
+    model, tokenizer = _load(args.model, DTYPES[args.dtype], use_cache=False, **_prefix_fields(vars(args)))
     if args.quantization_bit:
         model = model.quantize(args.quantization_bit)
     if args.method == "lora":
@@ -259,19 +268,12 @@ def save(model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
 def load_finetuned(model_dir: str, finetuned_dir: str, torch_dtype: Optional[torch.dtype] = None) -> Tuple[Any, Any]:
     """(model, tokenizer) of a fine-tuning result for inference: the base model in ``model_dir`` with the LoRA
     adapter merged into its weights, or with the trained P-tuning prefix; a full fine-tune loads from its folder."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
-
     args_file = Path(finetuned_dir) / ARGS_FILE
     if not args_file.is_file():
         raise ValueError(f"{finetuned_dir} is not a fine-tuning result: {ARGS_FILE} is missing")
     recorded = json.loads(args_file.read_text(encoding="utf-8"))
     method = recorded.get("method")
-    source = finetuned_dir if method == "full" else model_dir
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True)
-    overrides = dict(pre_seq_len=recorded["pre_seq_len"], prefix_projection=recorded["prefix_projection"]) \
-        if method == "ptuning" else {}
-    config = AutoConfig.from_pretrained(source, trust_remote_code=True, **overrides)
-    model = AutoModel.from_pretrained(source, config=config, trust_remote_code=True, torch_dtype=torch_dtype)
+    model, tokenizer = _load(finetuned_dir if method == "full" else model_dir, torch_dtype, **_prefix_fields(recorded))
     if method == "lora":
         from peft import PeftModel
 

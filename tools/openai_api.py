@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cli_demo import load  # noqa: E402  (it also makes our modules importable as package `chatglm`)
+from cli_demo import add_model_arguments, load  # noqa: E402  (it also makes our modules importable as package `chatglm`)
 from finetune import chat_family  # noqa: E402
 from chatglm.chat_chatglm import CACHE_IDS_ATTR  # noqa: E402  (the ids a cache from stream_chat holds)
 
@@ -316,11 +316,7 @@ def make_server(service: ChatService, host: str = "127.0.0.1", port: int = 8000)
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model folder (weights, configs, code, tokenizer)")
-    parser.add_argument("--finetuned", default=None, help="a tools/finetune.py output folder to apply")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
-    parser.add_argument("--quantize", type=int, choices=(4, 8), default=None)
+    add_model_arguments(parser)
     parser.add_argument("--name", default=None, help="the model id clients see (default: the folder name)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     parser.add_argument("--port", type=int, default=8000)
