@@ -24,7 +24,14 @@ import torch.nn.functional as F
 from transformers import LogitsProcessorList
 from transformers.utils import logging
 
-from .compat_chatglm import cache_layer, cache_length, generation_setting, kernel_device, new_dynamic_cache
+from .compat_chatglm import (
+    GENERATE_BUILDS_STATIC_CACHE,
+    cache_layer,
+    cache_length,
+    generation_setting,
+    kernel_device,
+    new_dynamic_cache,
+)
 from .decode_kernels_chatglm import FusedDecodeStep, unsupported_reason
 
 logger = logging.get_logger(__name__)
@@ -37,6 +44,13 @@ FAST_PATH_KWARGS = frozenset({
     "num_beams", "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits",
 })
 FAST_CHAT_ENV = "CHATGLM_FAST_CHAT"  # 0: chat methods on generate(); 1 / static, growing: that loop where it serves
+FAST_GENERATE_ENV = "CHATGLM_FAST_GENERATE"  # 0: a plain generate() (no cache_implementation) stays on transformers'
+# Generation-config fields the loop honours; a model whose generation config sets any other (beams, n-gram bans,
+# min_length, max_new_tokens, ...) decodes on transformers' generate(), which reads them.
+LOOP_CONFIG_FIELDS = frozenset({
+    "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id",
+    "bos_token_id", "max_length", "use_cache", "transformers_version", "_from_model_config",
+})
 EOS_CHECK_EVERY = 16
 MAX_BANNED = 8  # end-of-sequence ids a greedy step can exclude inside its graph (min_new_tokens)
 
@@ -82,21 +96,43 @@ class StaticKVCache:
 
 
 def fast_path_supports(model: torch.nn.Module, kwargs: dict) -> bool:
-    """Whether `generate(**kwargs)` can run on `fast_generate` (the static decoder) with the same result."""
-    return kwargs.get("cache_implementation") == "static" and loop_serves(model, kwargs)
+    """Whether `generate(**kwargs)` runs on `fast_generate` (the static decoder) with the same result: requests with
+    `cache_implementation="static"` the loop serves (on CUDA, and everywhere on transformers < 4.42, whose
+    generate() builds no static cache for this model), and on CUDA plain ones (no cache_implementation, an explicit
+    max_new_tokens or max_length) whose batch the fused step takes and whose cache fits in free memory, as chat's
+    (`CHATGLM_FAST_GENERATE=0` leaves those on transformers' loop)."""
+    if not loop_serves(model, kwargs):
+        return False
+    if "cache_implementation" in kwargs:  # (on CPU, transformers >= 4.42 builds its own static cache for it)
+        return kwargs["cache_implementation"] == "static" and (
+            model.device.type == "cuda" or not GENERATE_BUILDS_STATIC_CACHE)
+    if _switched_off(FAST_GENERATE_ENV) or (kwargs.get("max_new_tokens") is None and kwargs.get("max_length") is None):
+        return False  # (without a budget, transformers' default length depends on its version)
+    try:
+        return kwargs["input_ids"].device == model.device and _static_decoder_fits(model, kwargs)
+    except ValueError:  # prompt + budget past seq_length: transformers' loop runs until an eos, or raises there
+        return False
 
 
 def loop_serves(model: torch.nn.Module, kwargs: dict) -> bool:
     """Whether our decode loop gives what `generate(**kwargs)` gives: greedy or sampling with the settings it
-    knows (logits processors included), one sequence per row, no scores; an inference model."""
+    knows (logits processors included), one sequence per row, no scores; an inference model whose generation config
+    sets nothing else."""
     if not set(kwargs) <= FAST_PATH_KWARGS:
         return False
     if kwargs.get("num_beams", 1) != 1 or kwargs.get("num_return_sequences", 1) != 1:
         return False
     if kwargs.get("return_dict_in_generate") or kwargs.get("output_scores") or kwargs.get("output_logits"):
         return False
+    if any(value not in (None, False, [], {}) and name not in LOOP_CONFIG_FIELDS  # (False/0/None: a switch left off)
+           for name, value in model.generation_config.to_diff_dict().items()):
+        return False
     input_ids = kwargs.get("input_ids")
     return isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and not model.training
+
+
+def _switched_off(env: str) -> bool:
+    return os.environ.get(env, "").strip().lower() in ("0", "false", "no", "off")
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float
@@ -585,9 +621,9 @@ def chat_cache_kind(model: torch.nn.Module, request: dict) -> Optional[str]:
     the fused Triton step serves the batch (nothing to compile but its kernels, cached on disk) and a cache for
     prompt + budget fits in the free GPU memory; "growing" for the other requests the loop serves (CPU among them:
     nothing preallocated there, and no thread)."""
-    setting = os.environ.get(FAST_CHAT_ENV, "").strip().lower()
-    if setting in ("0", "false", "no", "off") or not loop_serves(model, request):
+    if _switched_off(FAST_CHAT_ENV) or not loop_serves(model, request):
         return None
+    setting = os.environ.get(FAST_CHAT_ENV, "").strip().lower()
     if setting in ("1", "true", "yes", "on", "static"):
         return "static"
     if setting == "growing":
@@ -660,7 +696,10 @@ def _decoder_for(model: torch.nn.Module, batch: int, capacity: int, compile: boo
             decoder = None
             object.__setattr__(model, "_chatglm_decoder", None)
             gc.collect()
-        decoder = CompiledDecoder(model, batch, capacity, compile)
+        # its tensors are updated in place by every run: made outside inference mode, so a run under
+        # torch.inference_mode() and a later one outside it can both use them
+        with torch.inference_mode(False):
+            decoder = CompiledDecoder(model, batch, capacity, compile)
         # a plain attribute, not a submodule: keeps the cache out of state_dict and .to()
         object.__setattr__(model, "_chatglm_decoder", decoder)
     return decoder

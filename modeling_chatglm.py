@@ -779,13 +779,14 @@ class ChatGLMGenerationMixin(GenerationMixin):
     """
 
     def generate(self, *args: Any, **kwargs: Any):
-        """transformers' generate(). With `cache_implementation="static"`, requests our decode loop serves
-        identically (greedy or sampling; see decoding_chatglm.loop_serves) run on `fast_generate`: on CUDA, and on
-        every device where transformers' generate() builds no static cache for this model (< 4.42)."""
+        """transformers' generate(). Requests our decode loop serves identically (greedy or sampling; see
+        decoding_chatglm.loop_serves) run on `fast_generate` where `fast_path_supports` says so: with
+        `cache_implementation="static"` on CUDA (and on every device where transformers' generate() builds no static
+        cache for this model, < 4.42), and on CUDA plain requests with an explicit length that the fused step
+        serves."""
         if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
             kwargs["input_ids"], args = args[0], args[1:]
-        ours = self.device.type == "cuda" or not GENERATE_BUILDS_STATIC_CACHE
-        if not args and ours and fast_path_supports(self, kwargs):
+        if not args and fast_path_supports(self, kwargs):
             try:
                 return fast_generate(self, **kwargs)
             except FastPathBusy:  # another thread or an open stream holds our decoder: transformers' own path

@@ -8,7 +8,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from conftest import tiny_model
 from test_modeling import left_pad, random_prompts
 
-from chatglm.decoding_chatglm import StaticKVCache, fast_path_supports
+from chatglm import decoding_chatglm as decoding
+from chatglm.compat_chatglm import GENERATE_BUILDS_STATIC_CACHE
+from chatglm.decoding_chatglm import FAST_GENERATE_ENV, StaticKVCache, fast_path_supports, loop_serves
 
 
 @pytest.fixture(scope="module")
@@ -115,13 +117,75 @@ def test_repetition_penalty_on_the_fast_path_ignores_left_padding(model64):
         model64.fast_generate(ids, attention_mask=mask, **{**settings, "repetition_penalty": 0.0})
 
 
-def test_fast_path_only_takes_requests_it_serves(model64):
+def test_fast_path_only_takes_requests_it_serves(model64, monkeypatch):
     ids = torch.ones(1, 3, dtype=torch.long)
-    assert fast_path_supports(model64, dict(input_ids=ids, cache_implementation="static", max_new_tokens=3))
-    assert not fast_path_supports(model64, dict(input_ids=ids, max_new_tokens=3))
-    assert not fast_path_supports(model64, dict(input_ids=ids, cache_implementation="static", num_beams=2))
-    assert fast_path_supports(model64, dict(input_ids=ids, cache_implementation="static", logits_processor=[]))
-    assert not fast_path_supports(model64, dict(input_ids=ids, cache_implementation="static", stopping_criteria=[]))
+    static = dict(input_ids=ids, cache_implementation="static", max_new_tokens=3)
+    assert loop_serves(model64, static) and loop_serves(model64, {**static, "logits_processor": []})
+    for unsupported in (dict(num_beams=2), dict(stopping_criteria=[]), dict(num_return_sequences=2),
+                        dict(output_scores=True, return_dict_in_generate=True)):
+        assert not loop_serves(model64, {**static, **unsupported}), unsupported
+    # on CPU, transformers >= 4.42 runs static requests on its own static cache, and plain ones on its own loop
+    assert fast_path_supports(model64, static) == (not GENERATE_BUILDS_STATIC_CACHE)
+    plain = dict(input_ids=ids, max_new_tokens=3)
+    assert not fast_path_supports(model64, plain)
+    monkeypatch.setattr(decoding, "_static_decoder_fits", lambda model, request: True)  # as on a GPU it serves
+    monkeypatch.delenv(FAST_GENERATE_ENV, raising=False)
+    assert fast_path_supports(model64, plain) and fast_path_supports(model64, {**plain, "max_length": 9})
+    assert not fast_path_supports(model64, dict(input_ids=ids)), "no explicit length: version-dependent default"
+    assert not fast_path_supports(model64, {**plain, "cache_implementation": "dynamic"})
+    assert not fast_path_supports(model64, {**plain, "num_beams": 2})
+    monkeypatch.setenv(FAST_GENERATE_ENV, "0")
+    assert not fast_path_supports(model64, plain)
+
+
+def test_loop_leaves_generation_configs_it_does_not_read_to_generate():
+    model = tiny_model(seed=36)
+    request = dict(input_ids=torch.ones(1, 3, dtype=torch.long), max_new_tokens=3)
+    model.generation_config.do_sample, model.generation_config.top_k = True, 3  # settings the loop reads
+    assert loop_serves(model, request)
+    for name, value in (("num_beams", 2), ("no_repeat_ngram_size", 2), ("max_new_tokens", 5), ("min_length", 4)):
+        default = getattr(model.generation_config, name)
+        setattr(model.generation_config, name, value)
+        assert not loop_serves(model, request), name
+        setattr(model.generation_config, name, default)
+    assert loop_serves(model, request)
+
+
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sampled"])
+@torch.no_grad()
+def test_plain_generate_on_the_fast_path_equals_generate(model64, monkeypatch, do_sample):
+    """Where the fused step would serve (patched in here: that needs a GPU), a plain generate() runs our loop and
+    returns what transformers' loop returns."""
+    from chatglm import modeling_chatglm
+
+    ids, mask = left_pad(random_prompts(seed=37))
+    request = dict(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=do_sample, top_p=0.8,
+                   eos_token_id=None, pad_token_id=0)
+    monkeypatch.setattr(decoding, "_static_decoder_fits", lambda model, request: True)
+    calls = []
+    monkeypatch.setattr(modeling_chatglm, "fast_generate",
+                        lambda *args, **kwargs: calls.append(1) or decoding.fast_generate(*args, **kwargs))
+    results = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv(FAST_GENERATE_ENV, setting)
+        torch.manual_seed(7)
+        results[setting] = model64.generate(**request)
+    assert len(calls) == 1, "the first call ran our loop, the second transformers'"
+    assert torch.equal(results["1"], results["0"])
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager-step", "compiled-step"])
+@torch.no_grad()
+def test_fast_path_in_and_out_of_inference_mode(compile):
+    """The decoder outlives a call and is updated in place: one made under torch.inference_mode() must still serve
+    a call outside it (in-place updates of inference tensors are errors there), and the reverse."""
+    model = tiny_model(seed=38).double()
+    ids = torch.randint(5, 100, (1, 6))
+    expected = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    for inference in (True, False, True):
+        with torch.inference_mode(inference):
+            out = model.fast_generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=None, compile=compile)
+        assert torch.equal(out, expected), f"inference_mode={inference}"
 
 
 @torch.no_grad()

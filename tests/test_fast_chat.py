@@ -23,7 +23,7 @@ from test_tokenizer import tiny_model_file  # noqa: F401  (fixture)
 from chatglm import chat_format as cf
 from chatglm.chat_chatglm import CACHE_IDS_ATTR
 from chatglm.compat_chatglm import cache_layer, cache_length
-from chatglm.decoding_chatglm import (FAST_CHAT_ENV, DecodeRun, FastPathBusy, GrowingCacheRun, StaticCacheRun,
+from chatglm.decoding_chatglm import (FAST_CHAT_ENV, FAST_GENERATE_ENV, DecodeRun, FastPathBusy, GrowingCacheRun, StaticCacheRun,
                                       chat_cache_kind)
 
 GREEDY = dict(do_sample=False, max_new_tokens=7)
@@ -288,8 +288,9 @@ def test_cuda_chat_takes_the_fused_fast_path_by_default(tiny_toks, monkeypatch, 
     *_, (response2, _, _) = model.stream_chat(tok, "More", history, past_key_values=cache,
                                               return_past_key_values=True, **kwargs)
     assert len(runs) == 4 and isinstance(response2, (str, dict))
-    # the growing loop on CUDA runs the eager forward as generate() does: the same tokens greedy in a padded batch,
-    # and sampled under one seed (one row: transformers < 5.23 also penalizes left padding)
+    # the growing loop on CUDA runs the eager forward as transformers' generate() does: the same tokens greedy in a
+    # padded batch, and sampled under one seed (one row: transformers < 5.23 also penalizes left padding)
+    monkeypatch.setenv(FAST_GENERATE_ENV, "0")
     batch = tok(["Hello", "Count to ten, slowly"], return_tensors="pt", padding=True).to("cuda")
     one = tok(["Count to ten, slowly"], return_tensors="pt").to("cuda")
     for inputs, settings in ((batch, dict(do_sample=False)),
@@ -299,3 +300,24 @@ def test_cuda_chat_takes_the_fused_fast_path_by_default(tiny_toks, monkeypatch, 
             torch.manual_seed(3)
             out.append(generate(**inputs, max_new_tokens=10, eos_token_id=None, pad_token_id=0, **settings))
         assert torch.equal(out[1], out[0]), settings
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the default policy)")
+@torch.no_grad()
+def test_cuda_plain_generate_takes_the_fused_fast_path_by_default(tiny_toks, monkeypatch, runs):  # noqa: F811
+    pytest.importorskip("triton")
+    monkeypatch.delenv(FAST_GENERATE_ENV, raising=False)
+    tok = tiny_toks[cf.CHATGLM3]
+    model = tiny_model(seed=7, padded_vocab_size=512, seq_length=1024).half().cuda()
+    batch = tok(["Hello", "Count to ten, slowly"], return_tensors="pt", padding=True).to("cuda")
+    kwargs = dict(max_new_tokens=10, eos_token_id=None, pad_token_id=0, do_sample=False)
+    plain = model.generate(**batch, **kwargs)
+    assert len(runs) == 1 and type(runs[0]) is StaticCacheRun and model._chatglm_decoder.fused is not None
+    assert torch.equal(plain, model.generate(**batch, cache_implementation="static", **kwargs)) and len(runs) == 2
+    monkeypatch.setenv(FAST_GENERATE_ENV, "0")
+    assert torch.equal(plain, model.generate(**batch, **kwargs)), "transformers' loop: the same greedy tokens"
+    assert len(runs) == 2
+    monkeypatch.delenv(FAST_GENERATE_ENV)
+    model.generate(**batch, num_beams=2, **kwargs)  # what the loop lacks stays on transformers' generate()
+    model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # no explicit length
+    assert len(runs) == 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,11 +66,26 @@ def build_ours(args):
 
 
 def generate_fn(model, ids, new: int, cache: str):
+    """A greedy generate() of `new` tokens after ids. cache "static": `cache_implementation="static"`; "plain": no
+    cache argument, as most callers write it (ours: the fast path on CUDA where it serves); "dynamic": transformers'
+    own loop on a growing cache (ours: with CHATGLM_FAST_GENERATE=0)."""
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
     if cache == "static":
         kwargs["cache_implementation"] = "static"
     mask = torch.ones_like(ids)
-    return lambda: model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    if cache != "dynamic":
+        return lambda: model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+
+    def on_transformers_loop():
+        from chatglm.decoding_chatglm import FAST_GENERATE_ENV
+
+        before = os.environ.get(FAST_GENERATE_ENV)
+        os.environ[FAST_GENERATE_ENV] = "0"
+        try:
+            return model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        finally:
+            os.environ.pop(FAST_GENERATE_ENV) if before is None else os.environ.update({FAST_GENERATE_ENV: before})
+    return on_transformers_loop
 
 
 def measure(name: str, model, args, cache: str, peer: bool) -> dict:
@@ -85,7 +101,8 @@ def measure(name: str, model, args, cache: str, peer: bool) -> dict:
                 from chatglm.decoding_chatglm import _decoder_for
 
                 _decoder_for(model, args.batch, args.capacity, compile=args.device.startswith("cuda"))
-            generate_fn(model, ids, args.new, cache)()  # warm-up (compiles where the cache asks for it)
+            # warm-up (builds the fast path's decoder: its kernels, or its compile, and CUDA graphs)
+            result["first_call_s"] = round(timed(generate_fn(model, ids, args.new, cache), args.device), 2)
             if args.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             t_one = timed(generate_fn(model, ids, 1, cache), args.device, repeat=2)
@@ -94,7 +111,7 @@ def measure(name: str, model, args, cache: str, peer: bool) -> dict:
             result["decode_ms_per_step"] = round(1000 * (t_all - t_one) / (args.new - 1), 3)
             if args.device.startswith("cuda"):
                 result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            if cache == "static" and not peer:  # which decode step served the fast path, and why
+            if cache != "dynamic" and not peer:  # which decode step served the fast path, and why
                 from chatglm.decode_kernels_chatglm import unsupported_reason
 
                 decoder = getattr(model, "_chatglm_decoder", None)
@@ -211,8 +228,6 @@ def measure_chat(name: str, model, tok, args, kind: str) -> dict:
 
 def bench_chat(model, args, report: dict) -> None:
     """--chat: ours through chat() and stream_chat() by our own loop and on generate(), the peer's generate()."""
-    import os
-
     from chatglm.decoding_chatglm import FAST_CHAT_ENV
     from glm_peer import glm_peer
 
@@ -265,7 +280,8 @@ def bench_decode(model, args, report: dict) -> None:
         peer = glm_peer(model)
         del model
         for cache in args.caches:
-            report["results"].append(measure("GlmForCausalLM", peer, args, cache, peer=True))
+            if cache != "plain" or "dynamic" not in args.caches:  # (the peer's plain call is its dynamic one)
+                report["results"].append(measure("GlmForCausalLM", peer, args, cache, peer=True))
     ours = {r["cache"]: r for r in report["results"] if r["system"] == "ours"}
     report["ratios"] = {}
     for r in report["results"]:
@@ -286,7 +302,9 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=1024)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--quant", type=int, default=0, choices=[0, 4, 8])
-    parser.add_argument("--caches", nargs="+", default=["dynamic", "static"])
+    parser.add_argument("--caches", nargs="+", default=["plain", "dynamic", "static"],
+                        choices=["plain", "dynamic", "static"], help="plain: generate() with no cache argument; dynamic: transformers' own loop; static: "
+                             "cache_implementation='static' (see generate_fn)")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--long-prefill", type=int, nargs="*", default=[],
                         help="instead of decode: time one prefill of each length (CUDA), e.g. 32768 131072")
