@@ -1,5 +1,6 @@
 """Chat API of ChatGLM2 / ChatGLM3 models: ``chat``, ``stream_chat``, ``stream_generate``, ``batch_chat``,
-``process_response``, ``build_inputs``, ``build_stream_inputs`` (mixed into ``ChatGLMForConditionalGeneration``).
+``stream_batch_chat``, ``process_response``, ``build_inputs``, ``build_stream_inputs`` (mixed into
+``ChatGLMForConditionalGeneration``).
 
 Prompts and reply parsing come from ``chat_format.py`` through the tokenizer. Tokens come from our own decode loop
 (``decoding_chatglm``) where ``chat_cache_kind`` says it serves the request (greedy or sampling, top-k / top-p /
@@ -22,7 +23,7 @@ import re
 import threading
 from dataclasses import dataclass
 from queue import Queue
-from typing import Any, Dict, Generator, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Generator, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from transformers import BatchEncoding, GenerationConfig, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -66,6 +67,17 @@ class _Prompt:
     ids: List[int]
     history: History
     query: str
+
+
+class BatchReply(NamedTuple):
+    """One conversation of ``stream_batch_chat``: ``response`` and ``history`` as ``chat`` returns them, the
+    ``tokens`` generated so far (a stop token included), and ``finish``: None while the reply grows, "stop" after
+    a stop token, "length" once its budget is spent."""
+
+    response: Response
+    history: History
+    tokens: int
+    finish: Optional[str]
 
 
 def _family(tokenizer: Any) -> str:
@@ -316,38 +328,97 @@ class ChatGLMChatMixin:
 
     @torch.no_grad()
     def batch_chat(self, tokenizer: Any, queries: Sequence[str], histories: Optional[Sequence[Any]] = None,
-                   role: str = "user", max_length: Optional[int] = None, num_beams: int = 1, do_sample: bool = True,
-                   top_p: Optional[float] = None, temperature: Optional[float] = None, logits_processor: Any = None,
-                   **gen_kwargs: Any) -> List[ChatResult]:
+                   role: Union[str, Sequence[str]] = "user", max_length: Optional[int] = None, num_beams: int = 1,
+                   do_sample: bool = True, top_p: Optional[float] = None, temperature: Optional[float] = None,
+                   logits_processor: Any = None, **gen_kwargs: Any) -> List[ChatResult]:
         """``chat`` over several conversations in one left-padded ``generate`` call → ``[(response, history)]``.
 
-        Each row gets the token budget it would get alone (``max_length`` minus its own prompt length), so under
-        greedy decoding the answers equal one-by-one ``chat`` answers.
+        Each row gets the token budget it would get alone (``max_length`` minus its own prompt length, or
+        ``max_new_tokens``, which may also be one budget per query), so under greedy decoding the answers equal
+        one-by-one ``chat`` answers. ``role`` may be one role per query.
         """
+        prompts, kwargs, budgets, inputs = self._batch_request(tokenizer, queries, histories, role, max_length,
+                                                               num_beams, do_sample, top_p, temperature,
+                                                               logits_processor, gen_kwargs)
+        output = self._generate_for_chat({**inputs, **kwargs})
+        sequences = getattr(output, "sequences", output).tolist()
+        stop, width = _as_list(kwargs["eos_token_id"]), inputs["input_ids"].shape[1]
+        return [self._chat_response(tokenizer, p, _reply_ids(row, width, stop, budget))
+                for p, row, budget in zip(prompts, sequences, budgets)]
+
+    def stream_batch_chat(self, tokenizer: Any, queries: Sequence[str], histories: Optional[Sequence[Any]] = None,
+                          role: Union[str, Sequence[str]] = "user", max_length: Optional[int] = None,
+                          do_sample: bool = True, top_p: Optional[float] = None, temperature: Optional[float] = None,
+                          logits_processor: Any = None, **gen_kwargs: Any) -> Iterator[List[BatchReply]]:
+        """``batch_chat`` streamed: after every step in which a reply grew, yield one ``BatchReply`` per query
+        (``response``, ``history``, ``tokens`` generated, ``finish``: None while it grows, then "stop" or "length").
+        Stops once every row has finished; the final responses equal ``batch_chat``'s. Closing the generator early
+        ends the generation."""
+        prompts, kwargs, budgets, inputs = self._batch_request(tokenizer, queries, histories, role, max_length, 1,
+                                                               do_sample, top_p, temperature, logits_processor,
+                                                               gen_kwargs)
+        stop, width = _as_list(kwargs["eos_token_id"]), inputs["input_ids"].shape[1]
+        replies = [BatchReply(*self._chat_response(tokenizer, p, []), 0, None) for p in prompts]
+        shown: List[List[int]] = [[] for _ in prompts]
+        stream = self._stream_steps(inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], None,
+                                    kwargs.pop("eos_token_id"), None, kwargs.pop("logits_processor", None), False,
+                                    kwargs)
+        try:
+            for _, rows, _ in stream:
+                grew = False
+                for i, (prompt, row, budget) in enumerate(zip(prompts, rows, budgets)):
+                    if replies[i].finish:
+                        continue
+                    new = row[width:width + budget]
+                    ids = _reply_ids(row, width, stop, budget)
+                    finish = "stop" if len(ids) < len(new) else "length" if len(new) == budget else None
+                    if finish is None and (ids == shown[i] or tokenizer.decode(ids).endswith(_REPLACEMENT_CHAR)):
+                        continue
+                    shown[i], grew = ids, True
+                    replies[i] = BatchReply(*self._chat_response(tokenizer, prompt, ids),
+                                            len(ids) + (finish == "stop"), finish)
+                if grew:
+                    yield list(replies)
+                if all(r.finish for r in replies):
+                    return
+        finally:
+            stream.close()
+        # rows whose budget the padded batch could not give them (seq_length) end with the stream
+        yield [r if r.finish else BatchReply(*self._chat_response(tokenizer, p, ids), len(ids), "length")
+               for r, p, ids in zip(replies, prompts, shown)]
+
+    def _batch_request(self, tokenizer: Any, queries: Sequence[str], histories: Optional[Sequence[Any]],
+                       role: Union[str, Sequence[str]], max_length: Optional[int], num_beams: int, do_sample: bool,
+                       top_p: Optional[float], temperature: Optional[float], logits_processor: Any,
+                       gen_kwargs: Dict[str, Any]
+                       ) -> Tuple[List[_Prompt], Dict[str, Any], List[int], Dict[str, torch.Tensor]]:
+        """The prompts of a batch, generate()'s keyword arguments (``max_new_tokens``: the largest row budget the
+        padded batch can hold), each row's budget, and the left-padded inputs."""
         if isinstance(queries, str) or not isinstance(queries, Sequence) or not queries:
             raise ValueError("queries must be a non-empty list of strings (use chat() for a single query)")
-        histories = [None] * len(queries) if histories is None else list(histories)
-        if len(histories) != len(queries):
-            raise ValueError(f"got {len(queries)} queries but {len(histories)} histories")
-        prompts = [self._chat_prompt(tokenizer, q, h, role) for q, h in zip(queries, histories)]
+        count = len(queries)
+        histories = [None] * count if histories is None else list(histories)
+        roles = [role] * count if isinstance(role, str) else list(role)
+        new_tokens = gen_kwargs.pop("max_new_tokens", None)
+        new_tokens = list(new_tokens) if isinstance(new_tokens, (list, tuple)) else [new_tokens] * count
+        for name, values in (("histories", histories), ("roles", roles), ("max_new_tokens", new_tokens)):
+            if len(values) != count:
+                raise ValueError(f"got {count} queries but {len(values)} {name}")
+        if not all(n is None or (isinstance(n, int) and not isinstance(n, bool) and n >= 1) for n in new_tokens):
+            raise ValueError(f"max_new_tokens must be a positive integer (or one per query), got {new_tokens}")
+        prompts = [self._chat_prompt(tokenizer, q, h, r) for q, h, r in zip(queries, histories, roles)]
         kwargs = self._chat_generate_kwargs(tokenizer, prompts[0].family, max_length, num_beams, do_sample, top_p,
                                             temperature, logits_processor, gen_kwargs)
-        for prompt in prompts:
-            self._check_prompt_length(len(prompt.ids), kwargs)
-        new_tokens = kwargs.get("max_new_tokens")
-        budgets = [new_tokens if new_tokens is not None else kwargs["max_length"] - len(p.ids) for p in prompts]
+        for prompt, new in zip(prompts, new_tokens):
+            self._check_prompt_length(len(prompt.ids), {**kwargs, "max_new_tokens": new})
+        budgets = [new if new is not None else kwargs["max_length"] - len(p.ids) for p, new in zip(prompts, new_tokens)]
         width = max(len(p.ids) for p in prompts)
         kwargs.pop("max_length", None)
         kwargs["max_new_tokens"] = min(max(budgets), self.config.seq_length - width)
         if kwargs["max_new_tokens"] < max(budgets):
-            logger.warning(f"batch_chat: padded to {width} tokens, rows can generate at most "
+            logger.warning(f"batch chat: padded to {width} tokens, rows can generate at most "
                            f"{kwargs['max_new_tokens']} tokens within seq_length {self.config.seq_length}")
-        output = self._generate_for_chat({**self._left_padded([p.ids for p in prompts], tokenizer.pad_token_id),
-                                          **kwargs})
-        sequences = getattr(output, "sequences", output).tolist()
-        stop = _as_list(kwargs["eos_token_id"])
-        return [self._chat_response(tokenizer, p, _reply_ids(row, width, stop, budget))
-                for p, row, budget in zip(prompts, sequences, budgets)]
+        return prompts, kwargs, budgets, self._left_padded([p.ids for p in prompts], tokenizer.pad_token_id)
 
     def _reusable_cache(self, cache: Any, ids: List[int]) -> Any:
         """``cache`` cropped to the longest prefix of ``ids`` it holds (at most ``len(ids) - 1`` tokens, so the

@@ -423,6 +423,44 @@ def test_batch_chat_equals_one_by_one(toks, family, path):
         model.batch_chat(tok, ["a", "b"], [None], **GREEDY)
 
 
+def test_stream_batch_chat_streams_what_chat_returns(toks, family, path):
+    """Each row's final reply equals `chat` with that row's budget (one budget per query, one role per query), a
+    row that emits a stop id finishes with "stop" while the others go on, and replies grow step by step."""
+    tok = toks[family]
+    model = model_for(tok)
+    queries = ["Hi", "What is the capital of France, and why is it famous?", "你好，请介绍一下你自己"]
+    histories = [None, history_for(family), None]
+    budgets = [4, 9, 6]
+    free = model.batch_chat(tok, queries, histories, do_sample=False, max_new_tokens=budgets)
+    assert free == [model.chat(tok, q, h, do_sample=False, max_new_tokens=b) for q, h, b in zip(queries, histories,
+                                                                                              budgets)]
+    row = model.generate(**model._left_padded([model._chat_prompt(tok, queries[1], histories[1], "user").ids], 0),
+                         max_new_tokens=9, do_sample=False, eos_token_id=None, pad_token_id=0)[0, -9:].tolist()
+    stop = row[2]  # the third token of row 1's reply: a stop id for this test
+    settings = dict(do_sample=False, max_new_tokens=budgets, eos_token_id=[stop])
+    steps = list(model.stream_batch_chat(tok, queries, histories, **settings))
+    final = steps[-1]
+    assert [(r.response, r.history) for r in final] == model.batch_chat(tok, queries, histories, **settings)
+    assert final[1].finish == "stop" and final[1].tokens == row.index(stop) + 1
+    for reply, budget in zip(final[::2], budgets[::2]):
+        assert reply.finish in ("stop", "length") and reply.tokens <= budget
+        assert reply.finish == "stop" or reply.tokens == budget
+    assert len(steps) > 1 and any(r.finish is None for r in steps[0])
+    assert all(len(step) == len(queries) for step in steps)
+    if family == cf.CHATGLM3:  # one role per query: an observation turn after a tool call
+        call = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "metadata": "get_weather", "content": "tool_call(city='Paris')"}]
+        roles = ["user", "observation"]
+        *_, last = model.stream_batch_chat(tok, ["Hi", '{"temperature": 21}'], [None, call], role=roles, **GREEDY)
+        assert [(r.response, r.history) for r in last] == [
+            model.chat(tok, q, h, role=r, **GREEDY) for q, h, r in zip(["Hi", '{"temperature": 21}'], [None, call],
+                                                                        roles)]
+    with pytest.raises(ValueError, match="roles"):
+        next(model.stream_batch_chat(tok, ["a", "b"], role=["user"], **GREEDY))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        next(model.stream_batch_chat(tok, ["a", "b"], do_sample=False, max_new_tokens=[3, 0]))
+
+
 # ------------------------------------------------------------------------------------------------ golden
 def test_golden_chatglm2_build_inputs(real_toks):
     cases_path = require_shared(GOLDEN / "tokenizer" / "cases.json")
