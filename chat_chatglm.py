@@ -411,6 +411,9 @@ class ChatGLMChatMixin:
                                             temperature, logits_processor, gen_kwargs)
         for prompt, new in zip(prompts, new_tokens):
             self._check_prompt_length(len(prompt.ids), {**kwargs, "max_new_tokens": new})
+            if new is not None and len(prompt.ids) + new > self.config.seq_length:
+                raise ValueError(f"prompt ({len(prompt.ids)} tokens) + max_new_tokens ({new}) exceeds this model's "
+                                 f"seq_length {self.config.seq_length}: lower max_new_tokens")
         budgets = [new if new is not None else kwargs["max_length"] - len(p.ids) for p, new in zip(prompts, new_tokens)]
         width = max(len(p.ids) for p in prompts)
         kwargs.pop("max_length", None)

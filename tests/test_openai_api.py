@@ -204,3 +204,55 @@ def test_seed_makes_sampling_repeatable_and_equal_to_chat(served):
     expected, _ = served["model"].chat(served["tok"], query, history=history, temperature=0.9, top_p=0.95,
                                        max_new_tokens=12)
     assert first == expected
+
+
+def _replies(service: ChatService, requests: List[Dict[str, Any]]) -> List[Any]:
+    """Each request's events, all sent at once from threads (a RequestError in place of the events)."""
+    results: List[Any] = [None] * len(requests)
+
+    def send(i: int) -> None:
+        try:
+            results[i] = list(service.complete(requests[i]))
+        except RequestError as err:
+            results[i] = err
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return results
+
+
+def test_concurrent_requests_decode_together_as_they_would_alone(served, monkeypatch):
+    """Requests that arrive together with the same sampling settings decode as one batch, each with its own
+    max_tokens, stop strings and tool setting, and get what they get one at a time (greedy); a bad one among them
+    gets its error alone; seeded ones decode alone."""
+    model, tok = served["model"], served["tok"]
+    sizes: List[int] = []
+    original = model.stream_batch_chat
+
+    def spy(tokenizer, queries, *args, **kwargs):
+        sizes.append(len(queries))
+        return original(tokenizer, queries, *args, **kwargs)
+
+    monkeypatch.setattr(model, "stream_batch_chat", spy)
+    messages, _, _ = conversation(served["family"])
+    full = json.loads(post(served, {"messages": messages, **GREEDY})[1])["choices"][0]["message"]["content"]
+    requests = [{"messages": messages, "temperature": 0, "max_tokens": 12},
+                {"messages": [{"role": "user", "content": "Hello world"}], "temperature": 0, "max_tokens": 5},
+                {"messages": messages, "temperature": 0, "max_tokens": 9, "stop": [full[2:4]]},
+                {"messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 100000},
+                {"messages": [{"role": "user", "content": "你好"}], "temperature": 0, "max_tokens": 7}]
+    alone = [_replies(ChatService(model, tok, "tiny", max_batch=1), [r])[0] for r in requests]
+    assert sizes == [1] * 6 and isinstance(alone[3], RequestError)
+    sizes.clear()
+    together = _replies(ChatService(model, tok, "tiny", max_batch=8, batch_wait=0.5), requests)
+    assert sizes[0] == 5, f"one batch of the five requests, then the good ones again: {sizes}"
+    assert [str(r) if isinstance(r, RequestError) else r for r in together] == \
+        [str(r) if isinstance(r, RequestError) else r for r in alone]
+    assert alone[2][-1][1][1] == "stop" and alone[1][-1][1][2]["completion_tokens"] <= 5
+    sizes.clear()
+    seeded = [{"messages": messages, "temperature": 0.9, "max_tokens": 8, "seed": 5}] * 2
+    first, second = _replies(ChatService(model, tok, "tiny", batch_wait=0.5), seeded)
+    assert sizes == [1, 1] and first == second

@@ -10,13 +10,15 @@ Endpoints: `GET /v1/models` and `POST /v1/chat/completions`, streamed (server-se
 penalties are not supported and must be 0 or absent. A ChatGLM3 tool call comes back as `tool_calls` with JSON
 arguments (parsed without eval); a tool result goes back as a `tool` message (the model's observation turn).
 
-One request generates at a time (requests queue on a lock); each runs `stream_chat`, so on CUDA the fast decode
-path serves it. Token counts in `usage` are exact: the cache `stream_chat` returns records the ids it holds.
+Requests decode in batches: one worker runs `model.stream_batch_chat` over the requests waiting with the same
+sampling settings (up to `--max-batch`, each with its own max_tokens and stop strings), so on CUDA the fast decode
+path serves them together; a request with a seed decodes alone (it repeats). `usage` counts the exact tokens.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import queue
 import sys
 import threading
 import time
@@ -30,7 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_demo import add_model_arguments, load  # noqa: E402  (it also makes our modules importable as package `chatglm`)
 from finetune import chat_family  # noqa: E402
-from chatglm.chat_chatglm import CACHE_IDS_ATTR  # noqa: E402  (the ids a cache from stream_chat holds)
 
 MAX_BODY_BYTES = 16 * 2**20
 NUMERIC_FIELDS = {"max_tokens": ("max_new_tokens", int), "max_completion_tokens": ("max_new_tokens", int),
@@ -132,14 +133,58 @@ def message_for(response: Any) -> Tuple[Dict[str, Any], Optional[str]]:
 
 
 # --------------------------------------------------------------------------------------------- service
-class ChatService:
-    """Turns chat-completion requests into ``stream_chat`` calls on one model, one at a time."""
+class _Job:
+    """One request: its conversation and settings, waiting for a batch or in one; its handler reads `events`."""
 
-    def __init__(self, model: Any, tokenizer: Any, name: str):
+    def __init__(self, query: str, role: str, history: List[Any], settings: Dict[str, Any], stops: List[str],
+                 prompt_tokens: int, streamable: bool, seed: Optional[int]):
+        self.query, self.role, self.history, self.settings = query, role, history, settings
+        self.stops, self.prompt_tokens, self.streamable, self.seed = stops, prompt_tokens, streamable, seed
+        self.events: "queue.Queue[Tuple[str, Any]]" = queue.Queue()
+        self.sent, self.done, self.cancelled = "", False, False
+
+    def batch_key(self) -> Optional[tuple]:
+        """Jobs with equal keys decode together (the same sampling settings); None: alone (a seed)."""
+        if self.seed is not None:
+            return None
+        return tuple(sorted((k, v) for k, v in self.settings.items() if k != "max_new_tokens"))
+
+    def advance(self, reply: Any) -> None:
+        """Take the job's row of a `stream_batch_chat` step: send the new text, and the end once the reply has
+        finished or reached a stop string."""
+        response, stopped = reply.response, False
+        if isinstance(response, str):
+            cut = min((response.find(s) for s in self.stops if s in response), default=-1)
+            if cut >= 0:
+                response, stopped = response[:cut], True
+            if self.streamable and response.startswith(self.sent) and len(response) > len(self.sent):
+                self.events.put(("delta", response[len(self.sent):]))
+                self.sent = response
+        if stopped or reply.finish:
+            finish = "stop" if stopped or reply.finish == "stop" else "length"
+            usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": reply.tokens,
+                     "total_tokens": self.prompt_tokens + reply.tokens}
+            self.events.put(("end", (response, finish, usage)))
+            self.done = True
+
+
+class ChatService:
+    """Turns chat-completion requests into ``stream_batch_chat`` calls on one model.
+
+    One worker thread generates; requests that arrive while it is busy (or within `batch_wait` seconds of each
+    other) and share their sampling settings decode together, up to `max_batch` rows (on CUDA the fused step serves
+    up to 16). A request with a seed decodes alone, so it repeats.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, name: str, max_batch: int = 8, batch_wait: float = 0.005):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.max_batch, self.batch_wait = max_batch, batch_wait
         self.family = chat_family(tokenizer)
-        self.stop_ids = set(getattr(tokenizer, "stop_token_ids", None) or [tokenizer.eos_token_id])
-        self.lock = threading.Lock()
+        self.pending: List[_Job] = []
+        self.ready = threading.Condition()
+        self.worker: Optional[threading.Thread] = None
 
     def _settings(self, request: Mapping[str, Any]) -> Dict[str, Any]:
         if request.get("n", 1) != 1:
@@ -183,38 +228,81 @@ class ChatService:
             prompt_tokens = len(self.tokenizer.build_chat_input(query, history, role=role)["input_ids"][0])
         except ValueError as err:
             raise RequestError(str(err)) from None
-        with self.lock:
-            if seed is not None:
-                torch.manual_seed(seed)
-            yield from self._generate(query, role, history, settings, stops, prompt_tokens,
-                                      streamable=not request.get("tools"))
-
-    def _generate(self, query: str, role: str, history: List[Any], settings: Dict[str, Any], stops: List[str],
-                  prompt_tokens: int, streamable: bool) -> Iterator[Tuple[str, Any]]:
-        response, cache, sent, stopped = "", None, "", False
-        replies = self.model.stream_chat(self.tokenizer, query, history, role=role, return_past_key_values=True,
-                                         **settings)
+        job = _Job(query, role, history, settings, stops, prompt_tokens, not request.get("tools"), seed)
+        with self.ready:
+            self.pending.append(job)
+            if self.worker is None:
+                self.worker = threading.Thread(target=self._serve, name="chatglm-openai-batches", daemon=True)
+                self.worker.start()
+            self.ready.notify()
         try:
-            for response, _, cache in replies:
-                if isinstance(response, str):
-                    cut = min((response.find(s) for s in stops if s in response), default=-1)
-                    if cut >= 0:
-                        response, stopped = response[:cut], True
-                    if streamable and response.startswith(sent) and len(response) > len(sent):
-                        yield "delta", response[len(sent):]
-                        sent = response
-                if stopped:
-                    break
+            while True:
+                kind, value = job.events.get()
+                if kind == "error":
+                    raise value
+                yield kind, value
+                if kind == "end":
+                    return
+        finally:  # the client went away, or the reply is complete: its row need not be decoded any more
+            job.cancelled = True
+
+    def _serve(self) -> None:
+        while True:
+            with self.ready:
+                while not self.pending:
+                    self.ready.wait()
+            time.sleep(self.batch_wait)  # requests sent together arrive a little apart: let them join
+            with self.ready:
+                batch = self._take_batch()
+            if batch:
+                self._run(batch)
+
+    def _take_batch(self) -> List[_Job]:
+        """The oldest waiting job and, up to max_batch, the next ones that decode with it (taken off the queue)."""
+        self.pending = [job for job in self.pending if not job.cancelled]
+        if not self.pending:
+            return []
+        key = self.pending[0].batch_key()
+        batch = [job for job in self.pending if key is not None and job.batch_key() == key][:self.max_batch] \
+            or self.pending[:1]
+        self.pending = [job for job in self.pending if job not in batch]
+        return batch
+
+    def _run(self, batch: List[_Job]) -> None:
+        try:
+            if batch[0].seed is not None:
+                torch.manual_seed(batch[0].seed)
+            self._generate(batch)
         except ValueError as err:  # too long a conversation, a setting the model refuses
-            raise RequestError(str(err)) from None
+            if len(batch) > 1 and not any(job.sent or job.done for job in batch):
+                for job in batch:  # find the request it was, so the others still get their replies
+                    self._run([job])
+                return
+            for job in batch:
+                if not job.done:
+                    job.events.put(("error", RequestError(str(err))))
+        except Exception as err:  # noqa: BLE001  (reported to the clients as 500s, the server keeps serving)
+            for job in batch:
+                if not job.done:
+                    job.events.put(("error", err))
+
+    def _generate(self, batch: List[_Job]) -> None:
+        settings = {k: v for k, v in batch[0].settings.items() if k != "max_new_tokens"}
+        steps = self.model.stream_batch_chat(self.tokenizer, [job.query for job in batch],
+                                             [job.history for job in batch], role=[job.role for job in batch],
+                                             max_new_tokens=[job.settings.get("max_new_tokens") for job in batch],
+                                             **settings)
+        try:
+            for replies in steps:
+                for job, reply in zip(batch, replies):
+                    if job.cancelled and not job.done:
+                        job.done = True
+                    if not job.done:
+                        job.advance(reply)
+                if all(job.done for job in batch):
+                    break
         finally:
-            replies.close()
-        row = getattr(cache, CACHE_IDS_ATTR, None)
-        generated = list(row[prompt_tokens:]) if row is not None else []
-        finish = "stop" if stopped or (generated and generated[-1] in self.stop_ids) else "length"
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(generated),
-                 "total_tokens": prompt_tokens + len(generated)}
-        yield "end", (response, finish, usage)
+            steps.close()
 
 
 # ------------------------------------------------------------------------------------------------ HTTP
@@ -320,10 +408,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--name", default=None, help="the model id clients see (default: the folder name)")
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="requests decoded together at most (1: one at a time; the fused CUDA step takes 16)")
     args = parser.parse_args(argv)
     model, tokenizer = load(args)
-    server = make_server(ChatService(model, tokenizer, args.name or Path(args.model).resolve().name),
-                         args.host, args.port)
+    service = ChatService(model, tokenizer, args.name or Path(args.model).resolve().name, max_batch=args.max_batch)
+    server = make_server(service, args.host, args.port)
     print(f"serving {args.model} on http://{args.host}:{server.server_address[1]}/v1", flush=True)
     server.serve_forever()
 
