@@ -248,10 +248,15 @@ def test_concurrent_requests_decode_together_as_they_would_alone(served, monkeyp
     assert sizes == [1] * 6 and isinstance(alone[3], RequestError)
     sizes.clear()
     together = _replies(ChatService(model, tok, "tiny", max_batch=8, batch_wait=0.5), requests)
-    assert sizes[0] == 5, f"one batch of the five requests, then the good ones again: {sizes}"
+    assert sizes == [8, 1, 1, 1, 1, 1], f"one batch of the five (padded to 8), then each alone: {sizes}"
     assert [str(r) if isinstance(r, RequestError) else r for r in together] == \
         [str(r) if isinstance(r, RequestError) else r for r in alone]
     assert alone[2][-1][1][1] == "stop" and alone[1][-1][1][2]["completion_tokens"] <= 5
+    sizes.clear()
+    good = [0, 1, 2, 4]
+    assert _replies(ChatService(model, tok, "tiny", batch_wait=0.5), [requests[i] for i in good]) == \
+        [alone[i] for i in good]
+    assert sizes == [4]
     sizes.clear()
     seeded = [{"messages": messages, "temperature": 0.9, "max_tokens": 8, "seed": 5}] * 2
     first, second = _replies(ChatService(model, tok, "tiny", batch_wait=0.5), seeded)

@@ -251,8 +251,12 @@ class ChatService:
             with self.ready:
                 while not self.pending:
                     self.ready.wait()
-            time.sleep(self.batch_wait)  # requests sent together arrive a little apart: let them join
-            with self.ready:
+                # requests sent together arrive a little apart: wait while they keep coming (batch_wait after the
+                # last one, 10 x batch_wait at most), so a burst decodes as one batch
+                deadline, seen = time.monotonic() + 10 * self.batch_wait, 0
+                while seen < len(self.pending) < self.max_batch and time.monotonic() < deadline:
+                    seen = len(self.pending)
+                    self.ready.wait(self.batch_wait)
                 batch = self._take_batch()
             if batch:
                 self._run(batch)
@@ -288,9 +292,13 @@ class ChatService:
 
     def _generate(self, batch: List[_Job]) -> None:
         settings = {k: v for k, v in batch[0].settings.items() if k != "max_new_tokens"}
-        steps = self.model.stream_batch_chat(self.tokenizer, [job.query for job in batch],
-                                             [job.history for job in batch], role=[job.role for job in batch],
-                                             max_new_tokens=[job.settings.get("max_new_tokens") for job in batch],
+        # batches are padded to a power of two with copies of the last request (replies not read; the rows of a
+        # batch do not affect each other), so the decoder, its kernels and CUDA graphs exist for a few sizes only
+        rows = batch + batch[-1:] * (min(1 << (len(batch) - 1).bit_length(), max(self.max_batch, len(batch)))
+                                     - len(batch))
+        steps = self.model.stream_batch_chat(self.tokenizer, [job.query for job in rows],
+                                             [job.history for job in rows], role=[job.role for job in rows],
+                                             max_new_tokens=[job.settings.get("max_new_tokens") for job in rows],
                                              **settings)
         try:
             for replies in steps:
