@@ -44,7 +44,7 @@ FAST_PATH_KWARGS = frozenset({
     "num_beams", "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits",
 })
 FAST_CHAT_ENV = "CHATGLM_FAST_CHAT"  # 0: chat methods on generate(); 1 / static, growing: that loop where it serves
-FAST_GENERATE_ENV = "CHATGLM_FAST_GENERATE"  # 0: a plain generate() (no cache_implementation) stays on transformers'
+FAST_GENERATE_ENV = "CHATGLM_FAST_GENERATE"  # 0: a plain generate() call stays on transformers' loop on CUDA too
 # Generation-config fields the loop honours; a model whose generation config sets any other (beams, n-gram bans,
 # min_length, max_new_tokens, ...) decodes on transformers' generate(), which reads them.
 LOOP_CONFIG_FIELDS = frozenset({
