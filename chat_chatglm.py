@@ -214,8 +214,10 @@ class ChatGLMChatMixin:
             messages = messages + [{"role": role, "content": query}]
         return _Prompt(family, [int(i) for i in ids], _json_clean(messages), query)
 
-    def _chat_response(self, tokenizer: Any, prompt: _Prompt, reply: List[int]) -> ChatResult:
-        text = tokenizer.decode(reply)
+    def _chat_response(self, tokenizer: Any, prompt: _Prompt, reply: List[int], text: Optional[str] = None
+                       ) -> ChatResult:
+        """(response, history) of the reply ids (`text`: their decoding, when the caller has it already)."""
+        text = tokenizer.decode(reply) if text is None else text
         if prompt.family == CHATGLM3:
             return process_chatglm3_response(text, prompt.history)
         response = process_chatglm2_response(text)
@@ -372,10 +374,13 @@ class ChatGLMChatMixin:
                     new = row[width:width + budget]
                     ids = _reply_ids(row, width, stop, budget)
                     finish = "stop" if len(ids) < len(new) else "length" if len(new) == budget else None
-                    if finish is None and (ids == shown[i] or tokenizer.decode(ids).endswith(_REPLACEMENT_CHAR)):
+                    if finish is None and ids == shown[i]:
+                        continue
+                    text = tokenizer.decode(ids)
+                    if finish is None and text.endswith(_REPLACEMENT_CHAR):
                         continue
                     shown[i], grew = ids, True
-                    replies[i] = BatchReply(*self._chat_response(tokenizer, prompt, ids),
+                    replies[i] = BatchReply(*self._chat_response(tokenizer, prompt, ids, text),
                                             len(ids) + (finish == "stop"), finish)
                 if grew:
                     yield list(replies)
@@ -469,7 +474,7 @@ class ChatGLMChatMixin:
                 text = tokenizer.decode(last)
                 if text and not text.endswith(_REPLACEMENT_CHAR) and last != shown:
                     shown = last
-                    result = self._chat_response(tokenizer, prompt, last)
+                    result = self._chat_response(tokenizer, prompt, last, text)
                     yield (*result, cache) if return_past_key_values else result
         finally:  # a consumer that stops early ends the generation now, leaving the cache as the ids say
             stream.close()
