@@ -636,8 +636,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         devices = []
         for layer in self.encoder.layers:
             device = getattr(getattr(layer, "_hf_hook", None), "execution_device", None)
-            if device is None:
-                device = next(layer.parameters()).device
+            if device is None:  # a weight by name: DataParallel's replicas hold theirs as tensors, not parameters
+                device = layer.input_layernorm.weight.device
             devices.append(torch.device("cuda", device) if isinstance(device, int) else torch.device(device))
         return devices
 
@@ -855,9 +855,13 @@ class ChatGLMForConditionalGeneration(ChatGLMChatMixin, ChatGLMPreTrainedModel, 
         return_dict: Optional[bool] = None,
         return_last_logit: bool = False,
         logits_to_keep: Union[int, torch.Tensor] = 0,
+        num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
         **kwargs: Any,
     ) -> Union[CausalLMOutputWithPast, tuple]:
-        """→ logits [b, s, vocab], loss when labels [b, s] are given (shifted cross-entropy in float32, -100 ignored).
+        """→ logits [b, s, vocab], loss when labels [b, s] are given (shifted cross-entropy in float32, -100 ignored):
+        the mean over labelled tokens, or their sum over `num_items_in_batch`, the labelled tokens of every micro-batch
+        and process of an optimizer step, which transformers' Trainer passes (≥ 4.49) so that gradient accumulation
+        and data parallel weigh every token alike; it then no longer divides the loss itself.
         `logits_to_keep` (transformers' convention; `num_logits_to_keep` on 4.45-4.49): n > 0 keeps the last n
         positions' logits, a 1D tensor the positions it lists; `return_last_logit` (the official flag) is n = 1,
         where the last layer computes the last position only."""
@@ -883,7 +887,9 @@ class ChatGLMForConditionalGeneration(ChatGLMChatMixin, ChatGLMPreTrainedModel, 
             shift_logits = logits[:, :-1].float()
             shift_labels = labels[:, 1:].to(logits.device)
             loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                   ignore_index=-100)
+                                   ignore_index=-100, reduction="mean" if num_items_in_batch is None else "sum")
+            if num_items_in_batch is not None:
+                loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
         output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                         hidden_states=outputs.hidden_states, attentions=None)
         return output if return_dict else output.to_tuple()
@@ -957,6 +963,9 @@ class ChatGLMForSequenceClassification(ChatGLMPreTrainedModel):
     """Classifier on the final hidden state of the last position (real with left padding)."""
 
     _auto_class = "AutoModelForSequenceClassification"
+    # The loss is a mean over the micro-batch: Trainer (≥ 4.49) must scale it for accumulation itself, not pass a
+    # token count, which it would otherwise do for a forward that takes **kwargs.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: ChatGLMConfig, empty_init: bool = True, device=None, **kwargs):
         super().__init__(config)

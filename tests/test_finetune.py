@@ -216,9 +216,32 @@ def test_ptuning_trains_only_the_prefix_and_reloads(folder, quantization):
     torch.testing.assert_close(logits(model, tok), logits(trained, tok), rtol=1e-4, atol=1e-4)
 
 
+def test_gradient_accumulation_equals_the_larger_batch(folder, tmp_path):
+    """Two conversations with equally many labelled tokens: one batch of 2, or 2 accumulated batches of 1, is the
+    same optimizer step, so the logged losses and the trained weights agree. Trainer ≥ 4.49 passes the model a token
+    count and leaves the scaling to it; a loss that ignored the count was logged (and back-propagated) twice over."""
+    data = tmp_path / "two.jsonl"
+    second = [MEMORIZE[0], {"role": "user", "content": "a longer question about the lazy dog, please"}, MEMORIZE[2]]
+    data.write_text("".join(json.dumps({"conversations": c}) + "\n" for c in (MEMORIZE, second)), encoding="utf-8")
+    runs = {}
+    for name, shape in {"batch": ["--batch-size", "2"], "accumulated": ["--grad-accum", "2"]}.items():
+        runs[name] = run({**folder, "data": data}, name, "--method", "full", "--lr", "1e-2", "--max-steps", "3",
+                         "--logging-steps", "1", *shape)
+    (batch, batch_summary, _), (accumulated, accumulated_summary, _) = runs["batch"], runs["accumulated"]
+    assert len(batch_summary["logged_losses"]) == 3
+    torch.testing.assert_close(torch.tensor(accumulated_summary["logged_losses"]),
+                               torch.tensor(batch_summary["logged_losses"]), rtol=1e-4, atol=1e-5)
+    _, tok = base(folder)  # logits, not weights: Adam turns the rounding noise of the key bias's zero gradient into steps
+    torch.testing.assert_close(logits(accumulated, tok), logits(batch, tok), rtol=1e-3, atol=1e-4)
+
+
 def test_method_errors_name_the_fix(folder, tmp_path):
     with pytest.raises(ValueError, match="--method ptuning"):
         run(folder, "bad", "--method", "lora", "--quantization-bit", "4")
+    with pytest.raises(ValueError, match="use --method full"):
+        run(folder, "bad", "--method", "lora", "--fsdp")
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node N"):  # one process, and no GPUs on CI
+        run(folder, "bad", "--method", "full", "--fsdp")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="finetune_args.json is missing"):
         finetune.load_finetuned(str(folder["model"]), str(tmp_path / "empty"))

@@ -203,6 +203,24 @@ def test_gradient_checkpointing_matches_and_training_lowers_loss():
 
 
 @torch.no_grad()
+def test_loss_is_the_token_mean_or_the_sum_over_num_items_in_batch(model64):
+    """The loss is cross-entropy of each position's logits against the next label (-100 skipped): their mean, or,
+    with Trainer's `num_items_in_batch` (the labelled tokens of a whole optimizer step), their sum over it."""
+    ids = torch.randint(10, 512, (2, 9), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = model64(input_ids=ids, labels=labels)
+    log_probs = torch.log_softmax(out.logits[:, :-1].double(), dim=-1)
+    targets = labels[:, 1:]
+    kept = targets != -100
+    per_token = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[kept]
+    torch.testing.assert_close(out.loss.double(), per_token.mean(), rtol=1e-5, atol=1e-6)
+    for count in (40, torch.tensor(40)):
+        loss = model64(input_ids=ids, labels=labels, num_items_in_batch=count).loss
+        torch.testing.assert_close(loss.double(), per_token.sum() / 40, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("fmt", ["safetensors", "bin_shards"])
 def test_save_and_load_round_trip(tmp_path, fmt):
     from transformers import AutoModel

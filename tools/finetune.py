@@ -15,7 +15,9 @@ message. An assistant message with "loss": false is context only. ChatGLM2 model
 example per assistant turn, with the turns before it as history, the layout their chat() builds.
 
 Training is transformers' Trainer: mixed precision, gradient accumulation, and data parallel under `torchrun
---nproc_per_node N` (each GPU holds the whole model; the first process writes the result). OUT gets
+--nproc_per_node N` (each GPU holds the whole model; the first process writes the result). With --fsdp a full
+fine-tune shards the weights, gradients and Adam state over the N GPUs instead (FSDP, one unit per layer), for GPUs
+that cannot each hold ~16 bytes per weight. OUT gets
 finetune_args.json and, by method:
     lora     the PEFT adapter (needs `pip install peft`); with --merge also OUT/merged, a full model folder
     ptuning  prefix_encoder.safetensors, the only trained weights (pre_seq_len / prefix_projection in the args file)
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -212,6 +215,7 @@ def train(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
     losses, counts)."""
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
+    sharding = _sharding(args)  # its errors before the model loads
     model, tokenizer = load_for_training(args)
     examples, cut = build_examples(tokenizer, read_conversations(args.data), args.max_length)
     if not examples:
@@ -219,7 +223,7 @@ def train(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
     tokenizer.padding_side = "right"  # training batches: pad after the text; positions then need no mask
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=IGNORE)
     cuda = torch.cuda.is_available()
-    training_args = TrainingArguments(
+    training_args = TrainingArguments(**sharding,
         output_dir=str(args.out), per_device_train_batch_size=args.batch_size,
         gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, weight_decay=args.weight_decay,
         max_steps=args.max_steps, num_train_epochs=args.epochs, warmup_steps=args.warmup_steps,
@@ -230,8 +234,10 @@ def train(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
     trainer = Trainer(model=model, args=training_args, train_dataset=examples, data_collator=collator)
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     main_process = trainer.is_world_process_zero()  # under torchrun, one process writes the result
+    # sharded weights are gathered onto the first process; every process takes part
+    state = trainer.accelerator.get_state_dict(trainer.model) if sharding else None
     if main_process:
-        save(model, tokenizer, args)
+        save(model, tokenizer, args, state)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary = {"examples": len(examples), "cut_to_max_length": cut, "steps": result.global_step,
                "train_loss": result.training_loss, "logged_losses": losses,
@@ -243,7 +249,23 @@ def train(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
     return model, summary
 
 
-def save(model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
+def _sharding(args: argparse.Namespace) -> Dict[str, Any]:
+    """The TrainingArguments of --fsdp: FSDP full sharding, one unit per GLMBlock; else none."""
+    if not args.fsdp:
+        return {}
+    if args.method != "full":
+        raise ValueError("--fsdp shards a full fine-tune; LoRA and P-tuning train a few weights of a frozen model "
+                         "that each GPU holds: drop --fsdp, or use --method full")
+    if not torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ValueError("--fsdp needs several CUDA GPUs, one process each: "
+                         "torchrun --nproc_per_node N tools/finetune.py ... --fsdp")
+    # the "fsdp_" spelling of the key is the one 4.30 reads; later releases strip the prefix
+    return {"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_transformer_layer_cls_to_wrap": ["GLMBlock"]}}
+
+
+def save(model: Any, tokenizer: Any, args: argparse.Namespace, state: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Write the result of ``args.method`` to ``args.out``; ``state``: the model's full state dict where the
+    model itself is sharded."""
     args.out.mkdir(parents=True, exist_ok=True)
     if args.method == "lora":
         model.save_pretrained(str(args.out))
@@ -255,7 +277,8 @@ def save(model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
         save_file(state, str(args.out / PREFIX_FILE))
     else:
         model.config.use_cache = True
-        model.save_pretrained(str(args.out))
+        writer = model if state is None else _meta_twin(model)
+        writer.save_pretrained(str(args.out), state_dict=state)
         tokenizer.save_pretrained(str(args.out))
     record = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     (args.out / ARGS_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False))
@@ -263,6 +286,14 @@ def save(model: Any, tokenizer: Any, args: argparse.Namespace) -> None:
         merged, tokenizer = load_finetuned(args.model, str(args.out), torch_dtype=DTYPES[args.dtype])
         merged.save_pretrained(str(args.out / "merged"))
         tokenizer.save_pretrained(str(args.out / "merged"))
+
+
+def _meta_twin(model: Any) -> Any:
+    """The model's own class built on the meta device, to write a gathered state dict: FSDP2 turns a sharded model
+    into a subclass (FSDPChatGLM...) defined in torch, whose code save_pretrained would copy instead of ours."""
+    own_class = next(cls for cls in type(model).__mro__ if not cls.__name__.startswith("FSDP"))
+    with torch.device("meta"):
+        return own_class(model.config)
 
 
 def load_finetuned(model_dir: str, finetuned_dir: str, torch_dtype: Optional[torch.dtype] = None) -> Tuple[Any, Any]:
@@ -310,6 +341,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from the last OUT/checkpoint-N")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="--method full under torchrun: shard weights, gradients and Adam state over the GPUs")
     parser.add_argument("--lora-rank", type=int, default=8)
     parser.add_argument("--lora-alpha", type=float, default=32.0)
     parser.add_argument("--lora-dropout", type=float, default=0.1)
