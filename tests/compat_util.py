@@ -23,6 +23,9 @@ from make_tiny_model import make_tiny_model  # noqa: E402
 import transformers  # noqa: E402
 
 TRANSFORMERS_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2])
+# TrainingArguments that keep Trainer on the CPU; releases without `use_cpu` (4.30) call it `no_cuda`
+CPU_TRAINING = ({"use_cpu": True} if "use_cpu" in transformers.TrainingArguments.__dataclass_fields__
+                else {"no_cuda": True})
 
 # Module names the official multi-GPU helper (ChatGLM2/3 `utils.auto_configure_device_map`) puts in its device map.
 OFFICIAL_DEVICE_MAP_MODULES = (

@@ -483,3 +483,28 @@ def test_crop_cache_keeps_the_first_positions(kind):
         assert torch.equal(key, keys[layer][:, :, :5]) and torch.equal(value, values[layer][:, :, :5])
     if kind != "current":
         assert cache.seen_tokens == 5
+
+
+def test_classifier_under_trainer_gradient_accumulation_logs_the_batch_loss(tmp_path):
+    """The classifier's loss is a per-batch mean, so Trainer must scale it for accumulation itself: 2 accumulated
+    batches of 1 log what one batch of 2 logs (≥ 4.49 would otherwise pass a token count and not divide)."""
+    from transformers import Trainer, TrainingArguments
+
+    from chatglm.modeling_chatglm import ChatGLMForSequenceClassification
+    from compat_util import CPU_TRAINING
+
+    ids = torch.randint(10, 512, (2, 6), generator=torch.Generator().manual_seed(7))
+    examples = [{"input_ids": ids[i], "labels": torch.tensor(i)} for i in range(2)]
+    logged = {}
+    for name, (batch, accumulation) in {"batch": (2, 1), "accumulated": (1, 2)}.items():
+        torch.manual_seed(0)
+        model = ChatGLMForSequenceClassification(tiny_config(num_labels=2))
+        args = TrainingArguments(output_dir=str(tmp_path / name), per_device_train_batch_size=batch,
+                                 gradient_accumulation_steps=accumulation, max_steps=1, logging_steps=1,
+                                 learning_rate=1e-3, report_to="none", save_strategy="no", **CPU_TRAINING,
+                                 dataloader_num_workers=0, remove_unused_columns=False)
+        trainer = Trainer(model=model, args=args, train_dataset=examples)
+        trainer.train()
+        logged[name] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged["batch"]) == 1
+    torch.testing.assert_close(torch.tensor(logged["accumulated"]), torch.tensor(logged["batch"]), rtol=1e-4, atol=1e-5)
