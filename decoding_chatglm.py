@@ -40,7 +40,7 @@ logger = logging.get_logger(__name__)
 FAST_PATH_KWARGS = frozenset({
     "input_ids", "attention_mask", "position_ids", "max_new_tokens", "max_length", "min_new_tokens", "do_sample",
     "temperature", "top_k", "top_p", "repetition_penalty", "logits_processor", "eos_token_id", "pad_token_id",
-    "cache_implementation", "use_cache",
+    "cache_implementation", "use_cache", "streamer",
     "num_beams", "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits",
 })
 FAST_CHAT_ENV = "CHATGLM_FAST_CHAT"  # 0: chat methods on generate(); 1 / static, growing: that loop where it serves
@@ -561,7 +561,7 @@ class HostCopy:
 
 @torch.no_grad()
 def fast_generate(model: torch.nn.Module, input_ids: torch.LongTensor, cache_kind: str = "static",
-                  **kwargs: Any) -> torch.LongTensor:
+                  streamer: Any = None, **kwargs: Any) -> torch.LongTensor:
     """Greedy or sampled decoding of a (left-padded) batch [b, n] → sequences [b, n + new], like generate().
 
     Keyword arguments: attention_mask, position_ids, max_new_tokens / max_length, min_new_tokens, do_sample,
@@ -570,13 +570,19 @@ def fast_generate(model: torch.nn.Module, input_ids: torch.LongTensor, cache_kin
     row's end-of-sequence token it receives pad_token_id), and `compile`, True by default on CUDA (False runs the
     same static-cache step eagerly). Others are ignored. cache_kind "static": the model's preallocated decoder
     (FastPathBusy while another run holds it); "growing": a growing cache and the eager forward (`GrowingCacheRun`).
+    `streamer` (a transformers TextStreamer / TextIteratorStreamer) is fed as generate() feeds it: the prompt, each
+    step's tokens [b] on the CPU, then `end()`.
     """
     run = _run_class(cache_kind)(model, input_ids, **kwargs)
     try:
-        for _ in run.steps(stream=False):
-            pass
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        for tokens in run.steps(stream=streamer is not None):
+            streamer.put(tokens)
     finally:
         run.close()
+    if streamer is not None:
+        streamer.end()
     return run.sequences()
 
 

@@ -174,6 +174,46 @@ def test_plain_generate_on_the_fast_path_equals_generate(model64, monkeypatch, d
     assert torch.equal(results["1"], results["0"])
 
 
+class RecordingStreamer:
+    """What generate() hands a streamer: every put() value, and how often end() was called."""
+
+    def __init__(self):
+        self.puts, self.ends = [], 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts.append(value.tolist())
+
+    def end(self) -> None:
+        self.ends += 1
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@torch.no_grad()
+def test_streamer_gets_from_the_fast_path_what_generate_gives_it(model64, monkeypatch, rows):
+    """generate(streamer=...) on our loop (the fused-step condition patched in, as on a GPU) feeds the streamer
+    what transformers' loop feeds it: the prompt, each step's tokens (pad for a row that ended), one end()."""
+    from chatglm import modeling_chatglm
+
+    ids, mask = left_pad(random_prompts(seed=38)[:rows])
+    free = model64.fast_generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                 compile=False)
+    eos = int(free[0, ids.shape[1] + 3])  # row 0 ends at its fourth token; another row, if any, later or never
+    monkeypatch.setattr(decoding, "_static_decoder_fits", lambda model, request: True)
+    calls = []
+    monkeypatch.setattr(modeling_chatglm, "fast_generate",
+                        lambda *args, **kwargs: calls.append(1) or decoding.fast_generate(*args, **kwargs))
+    streamers, results = {}, {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv(FAST_GENERATE_ENV, setting)
+        streamers[setting] = RecordingStreamer()
+        results[setting] = model64.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                            eos_token_id=eos, pad_token_id=0, streamer=streamers[setting])
+    assert len(calls) == 1, "the first call ran our loop, the second transformers'"
+    assert torch.equal(results["1"], results["0"])
+    assert streamers["1"].puts == streamers["0"].puts and streamers["1"].ends == streamers["0"].ends == 1
+    assert len(streamers["1"].puts) > 2 and streamers["1"].puts[0] == ids.tolist()
+
+
 @pytest.mark.parametrize("compile", [False, True], ids=["eager-step", "compiled-step"])
 @torch.no_grad()
 def test_fast_path_in_and_out_of_inference_mode(compile):

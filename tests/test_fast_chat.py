@@ -321,3 +321,18 @@ def test_cuda_plain_generate_takes_the_fused_fast_path_by_default(tiny_toks, mon
     model.generate(**batch, num_beams=2, **kwargs)  # what the loop lacks stays on transformers' generate()
     model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # no explicit length
     assert len(runs) == 2
+    # a TextIteratorStreamer read while generate() runs in another thread, the usual web-demo pattern
+    from threading import Thread
+
+    from transformers import TextIteratorStreamer
+
+    one = {name: tensor[1:] for name, tensor in batch.items()}
+    streamer = TextIteratorStreamer(tok, skip_prompt=True)
+    result = {}
+    thread = Thread(target=lambda: result.update(ids=model.generate(**one, streamer=streamer, **kwargs)))
+    thread.start()
+    text = "".join(streamer)
+    thread.join()
+    assert len(runs) == 3 and type(runs[2]) is StaticCacheRun
+    assert torch.equal(result["ids"], model.generate(**one, **kwargs))
+    assert text == tok.decode(result["ids"][0, one["input_ids"].shape[1]:])
