@@ -202,6 +202,12 @@ def is_compiling() -> bool:
     return False  # pragma: no cover - torch < 2.3
 
 
+def host_reads_forbidden(tensor: torch.Tensor) -> bool:
+    """Whether code running on `tensor` must not read device values on the host (input checks, data-dependent
+    branches): under torch.compile, or while a CUDA graph captures it (the decoder's eager step)."""
+    return is_compiling() or (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def kernel_device(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     """The context to launch a Triton or CUDA kernel on `tensor` in: its GPU made the current one.
 
@@ -297,6 +303,7 @@ def set_attn_implementation(config: Any, name: str) -> None:
 __all__: Sequence[str] = (
     "KVCache", "CACHE_TYPES", "SDPA_ENABLE_GQA", "GENERATE_BUILDS_STATIC_CACHE", "GenerationMixin",
     "GradientCheckpointingMixin", "as_cache", "attn_implementation", "cache_is_static", "cache_layer", "cache_length",
-    "crop_cache", "is_compiling", "new_dynamic_cache", "reorder_cache", "sdpa", "set_attn_implementation",
+    "crop_cache", "host_reads_forbidden", "is_compiling", "new_dynamic_cache", "reorder_cache", "sdpa",
+    "set_attn_implementation",
     "static_cache_capacity", "weight_init",
 )

@@ -1,9 +1,10 @@
-"""Fast decoding: a preallocated key/value cache and a compiled one-token step replayed without host syncs.
+"""Fast decoding: a preallocated key/value cache and a one-token step replayed without host syncs.
 
 transformers' generate() spends more time in Python per token than the GPU spends reading the 12 GB of weights
 (~2.8 ms on an H200). `fast_generate` keeps the loop on the device: the prompt is prefilled once (eager), then a
-`torch.compile`d step (CUDA graphs on GPU) runs one token at a time, sampling on the device, and the host only
-checks for end-of-sequence every few steps. It is what `generate(..., cache_implementation="static")` runs when the
+one-token step (the fused Triton kernels, or the model's forward, eager or `torch.compile`d), captured in a CUDA
+graph on GPU, runs one token at a time, sampling on the device, and the host only checks for end-of-sequence every
+few steps. It is what `generate(..., cache_implementation="static")` runs when the
 request needs nothing it lacks (see `fast_path_supports`), and a documented call on every transformers version.
 
 The same loop (`DecodeRun`: settings, penalty, logits processors, sampling in generate()'s order) also runs on a
@@ -99,7 +100,7 @@ def fast_path_supports(model: torch.nn.Module, kwargs: dict) -> bool:
     """Whether `generate(**kwargs)` runs on `fast_generate` (the static decoder) with the same result: requests with
     `cache_implementation="static"` the loop serves (on CUDA, and everywhere on transformers < 4.42, whose
     generate() builds no static cache for this model), and on CUDA plain ones (no cache_implementation, an explicit
-    max_new_tokens or max_length) whose batch the fused step takes and whose cache fits in free memory, as chat's
+    max_new_tokens or max_length) for a model on one GPU whose cache fits in free memory, as chat's
     (`CHATGLM_FAST_GENERATE=0` leaves those on transformers' loop)."""
     if not loop_serves(model, kwargs):
         return False
@@ -172,7 +173,8 @@ class CompiledDecoder:
                                    capacity, param.dtype, layer_devices)
         # A model split over devices (accelerate device map) steps eagerly: one CUDA graph cannot hold the
         # work of several GPUs here, and the compiled step would trace accelerate's hooks.
-        compile = compile and len({place for _, _, place in self.weights} | set(layer_devices)) == 1
+        one_device = len({place for _, _, place in self.weights} | set(layer_devices)) == 1
+        compile = compile and one_device
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -180,7 +182,8 @@ class CompiledDecoder:
         # token ids a "greedy_banned" step never picks (end-of-sequence ids before min_new_tokens); fixed size so
         # one captured graph serves any list of up to MAX_BANNED ids (unused entries repeat the first)
         self.banned = torch.zeros(MAX_BANNED, dtype=torch.long, device=device)
-        self.use_graphs = compile and device.type == "cuda"
+        # the step, fused, compiled or the model's eager forward, replays from a CUDA graph: one launch per token
+        self.use_graphs = one_device and device.type == "cuda"
         # Triton kernels with the small operations fused into the weight reads (CUDA, batch <= 16, plain or
         # int8/int4 linears); None: the model's own forward, compiled.
         self.fused = FusedDecodeStep.build(model, self.cache.keys, self.cache.values, batch, capacity) \
@@ -237,7 +240,15 @@ class CompiledDecoder:
             return self.steps[kind]()
         with kernel_device(self.token):  # the model's GPU, which need not be the current one
             if kind not in self.graphs:
-                self.graphs[kind] = self._capture(self.steps[kind])
+                try:
+                    self.graphs[kind] = self._capture(self.steps[kind])
+                except Exception as error:  # an eager step that reads device values on the host (a custom layer)
+                    if self.compiled:
+                        raise
+                    logger.warning_once(f"fast path: the eager decode step cannot be captured in a CUDA graph "
+                                        f"({error}); it runs without one")
+                    self.use_graphs = False
+                    return self.steps[kind]()
             graph, output = self.graphs[kind]
             graph.replay()
         return output
@@ -286,7 +297,7 @@ class FastPathBusy(RuntimeError):
 class DecodeRun:
     """One generation by our own loop: the request's settings (unset ones as generate() resolves them), the prompt
     prefilled, then `steps`; `close` ends it. Subclasses hold the keys/values: `StaticCacheRun` in the model's
-    preallocated decoder (compiled or fused step), `GrowingCacheRun` in a growing cache (the eager forward).
+    preallocated decoder (fused, compiled or eager step), `GrowingCacheRun` in a growing cache (the eager forward).
 
     `past_key_values`: a growing cache that holds the keys/values of the first k < n tokens of input_ids [b, n];
     only the rest of the prompt is computed.
@@ -299,7 +310,8 @@ class DecodeRun:
                  top_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
                  logits_processor: Optional[Sequence[Callable]] = None,
                  eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
-                 compile: Optional[bool] = None, past_key_values: Any = None, **ignored: Any):
+                 compile: Optional[bool] = None, past_key_values: Any = None,
+                 cache_implementation: Optional[str] = None, **ignored: Any):
         config = model.generation_config
 
         def setting(name: str, value: Any) -> Any:  # a request's value, else what generate() would use
@@ -336,7 +348,10 @@ class DecodeRun:
         self.seen: Optional[torch.Tensor] = None  # [b, vocab]: ids in each row so far (for repetition_penalty)
         self.out = torch.full((batch, self.max_new_tokens), self.pad, dtype=torch.long, device=device)
         self.produced = 0
-        self.logits = self._open(model, past_key_values, device.type == "cuda" if compile is None else compile)
+        if compile is None:  # torch.compile where asked for: its first call for a shape takes tens of seconds
+            compile = device.type == "cuda" and (cache_implementation == "static"
+                                                 or unsupported_reason(model, batch) is None)
+        self.logits = self._open(model, past_key_values, compile)
 
     def _open(self, model: torch.nn.Module, past: Any, compile: bool) -> torch.Tensor:
         """Take what the run needs, prefill the prompt after what `past` holds → last logits [b, vocab] fp32."""
@@ -567,8 +582,11 @@ def fast_generate(model: torch.nn.Module, input_ids: torch.LongTensor, cache_kin
     Keyword arguments: attention_mask, position_ids, max_new_tokens / max_length, min_new_tokens, do_sample,
     temperature, top_k, top_p, repetition_penalty, logits_processor, eos_token_id, pad_token_id (unset ones as
     generate() sets them: from `model.generation_config`, else transformers' defaults such as top_k 50; after a
-    row's end-of-sequence token it receives pad_token_id), and `compile`, True by default on CUDA (False runs the
-    same static-cache step eagerly). Others are ignored. cache_kind "static": the model's preallocated decoder
+    row's end-of-sequence token it receives pad_token_id), and `compile`: which step a static decoder runs on CUDA.
+    By default the fused Triton step where it serves the batch, else the model's eager forward, both replayed from a
+    CUDA graph; `cache_implementation="static"` or compile=True puts torch.compile on the forward instead (faster
+    for large batches, tens of seconds to build); compile=False is the eager forward. Others are ignored. cache_kind
+    "static": the model's preallocated decoder
     (FastPathBusy while another run holds it); "growing": a growing cache and the eager forward (`GrowingCacheRun`).
     `streamer` (a transformers TextStreamer / TextIteratorStreamer) is fed as generate() feeds it: the prompt, each
     step's tokens [b] on the CPU, then `end()`.
@@ -623,10 +641,10 @@ def chat_cache_kind(model: torch.nn.Module, request: dict) -> Optional[str]:
     criteria, n-gram bans, ...).
 
     CHATGLM_FAST_CHAT=0: None; =1 (or "static"): "static" wherever `loop_serves` (CPU included: the eager step);
-    ="growing": "growing" there. Default: "static" on CUDA where
-    the fused Triton step serves the batch (nothing to compile but its kernels, cached on disk) and a cache for
-    prompt + budget fits in the free GPU memory; "growing" for the other requests the loop serves (CPU among them:
-    nothing preallocated there, and no thread)."""
+    ="growing": "growing" there. Default: "static" for a model on one GPU where a cache for prompt + budget fits
+    in the free GPU memory (the fused Triton step where it serves the batch, else the eager forward, in a CUDA
+    graph; nothing to compile); "growing" for the other requests the loop serves (CPU among them: nothing
+    preallocated there, and no thread)."""
     if _switched_off(FAST_CHAT_ENV) or not loop_serves(model, request):
         return None
     setting = os.environ.get(FAST_CHAT_ENV, "").strip().lower()
@@ -638,9 +656,9 @@ def chat_cache_kind(model: torch.nn.Module, request: dict) -> Optional[str]:
 
 
 def _static_decoder_fits(model: torch.nn.Module, request: dict) -> bool:
-    """On CUDA: the fused step serves the batch and its decoder, for prompt + budget, exists or fits in memory."""
+    """On CUDA, a model on one GPU: its decoder for the batch and prompt + budget exists or fits in memory."""
     batch, prompt_len = request["input_ids"].shape
-    if model.device.type != "cuda" or unsupported_reason(model, batch) is not None:
+    if model.device.type != "cuda" or len({p.device for p in model.parameters()}) > 1:
         return False
     new = new_token_budget(model, prompt_len, request.get("max_new_tokens"), request.get("max_length"))
     capacity = _capacity(model, prompt_len, new)

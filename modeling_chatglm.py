@@ -34,6 +34,7 @@ from .compat_chatglm import (
     cache_is_static,
     cache_layer,
     cache_length,
+    host_reads_forbidden,
     is_compiling,
     reorder_cache,
     sdpa,
@@ -691,7 +692,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
             logger.warning_once("output_attentions is not supported by ChatGLM; attentions are returned as None")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-        compiling = is_compiling()
+        # traced by torch.compile or captured in a CUDA graph: no checks or shapes that read device values
+        compiling = host_reads_forbidden(inputs_embeds if input_ids is None else input_ids)
         if input_ids is not None and not compiling:
             self._check_input_ids(input_ids)
         if inputs_embeds is None:
@@ -782,8 +784,7 @@ class ChatGLMGenerationMixin(GenerationMixin):
         """transformers' generate(). Requests our decode loop serves identically (greedy or sampling; see
         decoding_chatglm.loop_serves) run on `fast_generate` where `fast_path_supports` says so: with
         `cache_implementation="static"` on CUDA (and on every device where transformers' generate() builds no static
-        cache for this model, < 4.42), and on CUDA plain requests with an explicit length that the fused step
-        serves."""
+        cache for this model, < 4.42), and on CUDA plain requests with an explicit length for a model on one GPU."""
         if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
             kwargs["input_ids"], args = args[0], args[1:]
         if not args and fast_path_supports(self, kwargs):

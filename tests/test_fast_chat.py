@@ -336,3 +336,32 @@ def test_cuda_plain_generate_takes_the_fused_fast_path_by_default(tiny_toks, mon
     assert len(runs) == 3 and type(runs[2]) is StaticCacheRun
     assert torch.equal(result["ids"], model.generate(**one, **kwargs))
     assert text == tok.decode(result["ids"][0, one["input_ids"].shape[1]:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
+@pytest.mark.parametrize("case", ["float32", "17_rows"])
+@torch.no_grad()
+def test_cuda_plain_generate_replays_the_eager_step_where_the_fused_one_does_not_serve(tiny_toks, monkeypatch,
+                                                                                        runs, case):  # noqa: F811
+    """float32 weights, or more rows than the fused step takes: a plain generate() runs the model's own forward as
+    the step, captured in a CUDA graph (no torch.compile), and gives transformers' greedy tokens; so does chat."""
+    monkeypatch.delenv(FAST_GENERATE_ENV, raising=False)
+    monkeypatch.delenv(FAST_CHAT_ENV, raising=False)
+    tok = tiny_toks[cf.CHATGLM3]
+    model = tiny_model(seed=7, padded_vocab_size=512, seq_length=1024).cuda()
+    if case == "17_rows":
+        model = model.half()
+    texts = ["Hello", "Count to ten, slowly"] * (1 if case == "float32" else 9)
+    batch = tok(texts[:17] if case == "17_rows" else texts, return_tensors="pt", padding=True).to("cuda")
+    kwargs = dict(max_new_tokens=10, eos_token_id=None, pad_token_id=0, do_sample=False)
+    fast = model.generate(**batch, **kwargs)
+    decoder = model._chatglm_decoder
+    assert len(runs) == 1 and type(runs[0]) is StaticCacheRun
+    assert decoder.fused is None and not decoder.compiled and decoder.use_graphs and decoder.graphs
+    monkeypatch.setenv(FAST_GENERATE_ENV, "0")
+    assert torch.equal(fast, model.generate(**batch, **kwargs)), "transformers' loop: the same greedy tokens"
+    assert len(runs) == 1
+    reply, _ = model.chat(tok, "Hello", history=[], do_sample=False, max_new_tokens=6)
+    assert len(runs) == 2 and type(runs[1]) is StaticCacheRun
+    monkeypatch.setenv(FAST_CHAT_ENV, "0")
+    assert model.chat(tok, "Hello", history=[], do_sample=False, max_new_tokens=6)[0] == reply
