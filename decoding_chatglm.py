@@ -4,7 +4,7 @@ transformers' generate() spends more time in Python per token than the GPU spend
 (~2.8 ms on an H200). `fast_generate` keeps the loop on the device: the prompt is prefilled once (eager), then a
 one-token step (the fused Triton kernels, or the model's forward, eager or `torch.compile`d), captured in a CUDA
 graph on GPU, runs one token at a time, sampling on the device, and the host only checks for end-of-sequence every
-few steps. It is what `generate(..., cache_implementation="static")` runs when the
+few steps. It is what `generate(..., cache_implementation="static")`, and on CUDA a plain `generate()`, run when the
 request needs nothing it lacks (see `fast_path_supports`), and a documented call on every transformers version.
 
 The same loop (`DecodeRun`: settings, penalty, logits processors, sampling in generate()'s order) also runs on a
@@ -185,7 +185,7 @@ class CompiledDecoder:
         # the step, fused, compiled or the model's eager forward, replays from a CUDA graph: one launch per token
         self.use_graphs = one_device and device.type == "cuda"
         # Triton kernels with the small operations fused into the weight reads (CUDA, batch <= 16, plain or
-        # int8/int4 linears); None: the model's own forward, compiled.
+        # int8/int4 linears); None: the model's own forward, compiled where `compile` asks for it.
         self.fused = FusedDecodeStep.build(model, self.cache.keys, self.cache.values, batch, capacity) \
             if compile or device.type != "cuda" else None
         steps = {"logits": self._logits_step, "greedy": self._greedy_step,
@@ -585,9 +585,9 @@ def fast_generate(model: torch.nn.Module, input_ids: torch.LongTensor, cache_kin
     row's end-of-sequence token it receives pad_token_id), and `compile`: which step a static decoder runs on CUDA.
     By default the fused Triton step where it serves the batch, else the model's eager forward, both replayed from a
     CUDA graph; `cache_implementation="static"` or compile=True puts torch.compile on the forward instead (faster
-    for large batches, tens of seconds to build); compile=False is the eager forward. Others are ignored. cache_kind
-    "static": the model's preallocated decoder
-    (FastPathBusy while another run holds it); "growing": a growing cache and the eager forward (`GrowingCacheRun`).
+    for large batches, tens of seconds to build); compile=False is the eager forward. Others are ignored.
+    cache_kind "static": the model's preallocated decoder (FastPathBusy while another run holds it); "growing": a
+    growing cache and the eager forward (`GrowingCacheRun`).
     `streamer` (a transformers TextStreamer / TextIteratorStreamer) is fed as generate() feeds it: the prompt, each
     step's tokens [b] on the CPU, then `end()`.
     """

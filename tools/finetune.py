@@ -235,9 +235,9 @@ def train(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     main_process = trainer.is_world_process_zero()  # under torchrun, one process writes the result
     # sharded weights are gathered onto the first process; every process takes part
-    state = trainer.accelerator.get_state_dict(trainer.model) if sharding else None
+    full_state = trainer.accelerator.get_state_dict(trainer.model) if sharding else None
     if main_process:
-        save(model, tokenizer, args, state)
+        save(model, tokenizer, args, full_state)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     summary = {"examples": len(examples), "cut_to_max_length": cut, "steps": result.global_step,
                "train_loss": result.training_loss, "logged_losses": losses,
@@ -263,9 +263,10 @@ def _sharding(args: argparse.Namespace) -> Dict[str, Any]:
     return {"fsdp": "full_shard auto_wrap", "fsdp_config": {"fsdp_transformer_layer_cls_to_wrap": ["GLMBlock"]}}
 
 
-def save(model: Any, tokenizer: Any, args: argparse.Namespace, state: Optional[Dict[str, torch.Tensor]] = None) -> None:
-    """Write the result of ``args.method`` to ``args.out``; ``state``: the model's full state dict where the
-    model itself is sharded."""
+def save(model: Any, tokenizer: Any, args: argparse.Namespace,
+         full_state: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Write the result of ``args.method`` to ``args.out``; ``full_state``: the model's gathered state dict where
+    the model itself is sharded (--fsdp)."""
     args.out.mkdir(parents=True, exist_ok=True)
     if args.method == "lora":
         model.save_pretrained(str(args.out))
@@ -277,8 +278,8 @@ def save(model: Any, tokenizer: Any, args: argparse.Namespace, state: Optional[D
         save_file(state, str(args.out / PREFIX_FILE))
     else:
         model.config.use_cache = True
-        writer = model if state is None else _meta_twin(model)
-        writer.save_pretrained(str(args.out), state_dict=state)
+        writer = model if full_state is None else _meta_twin(model)
+        writer.save_pretrained(str(args.out), state_dict=full_state)
         tokenizer.save_pretrained(str(args.out))
     record = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
     (args.out / ARGS_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False))
