@@ -241,42 +241,79 @@ def test_data_parallel_ptuning_model_matches_one_gpu():
 
 
 # ------------------------------------------------------------------------------------------ FSDP fine-tuning
-def test_fsdp_full_finetune_matches_one_gpu(tmp_path):
-    """`torchrun --nproc_per_node 2 finetune.py --method full --fsdp` in float32 on copies of one example: each
-    process's gradient is the one-GPU gradient, so the losses and the gathered result must be the one-GPU ones, and
-    the result must load as a model folder of its own (FSDP2 changes the model's class; the code saved is ours)."""
+@pytest.fixture
+def memorize(tmp_path):
+    """A tiny model folder and a data file of one conversation."""
+    import json
+
+    from make_tiny_model import make_tiny_model
+    from test_finetune import MEMORIZE
+
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"conversations": MEMORIZE}) + "\n", encoding="utf-8")
+    return make_tiny_model(tmp_path / "model", tmp_path / "no-tokenizer.model"), data
+
+
+def finetune_run(memorize, out, *extra: str, processes: int = 1) -> dict:
+    """tools/finetune.py --method full in float32 on `processes` GPUs (torchrun when more than one) → its summary."""
     import json
     import os
     import subprocess
     import sys
 
     from conftest import REPO
-    from finetune import load_finetuned
-    from make_tiny_model import make_tiny_model
-    from test_finetune import MEMORIZE, base, logits
 
-    model_dir = make_tiny_model(tmp_path / "model", tmp_path / "no-tokenizer.model")
-    data = tmp_path / "data.jsonl"
-    data.write_text(json.dumps({"conversations": MEMORIZE}) + "\n", encoding="utf-8")
-    common = [str(REPO / "tools" / "finetune.py"), "--model", str(model_dir), "--data", str(data), "--method", "full",
-              "--dtype", "float32", "--lr", "1e-3", "--max-steps", "6", "--scheduler", "constant",
-              "--logging-steps", "1"]
-    runs = {"one": [sys.executable, *common, "--out", str(tmp_path / "one")],
-            "fsdp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29513",
-                     *common, "--out", str(tmp_path / "fsdp"), "--fsdp"]}
-    losses = {}
-    for name, command in runs.items():
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0" if name == "one" else "0,1"}
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"{name}: {done.stderr[-3000:]}"
-        summaries = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"examples"')]
-        assert len(summaries) == 1, f"{name}: one process prints the summary\n{done.stdout[-2000:]}"
-        losses[name] = summaries[0]["logged_losses"]
-    assert len(losses["one"]) == 6
-    torch.testing.assert_close(torch.tensor(losses["fsdp"]), torch.tensor(losses["one"]), rtol=1e-4, atol=1e-5)
+    model_dir, data = memorize
+    command = [str(REPO / "tools" / "finetune.py"), "--model", str(model_dir), "--data", str(data), "--out", str(out),
+               "--method", "full", "--dtype", "float32", "--lr", "1e-3", "--max-steps", "6", "--scheduler",
+               "constant", "--logging-steps", "1", *extra]
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29513"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(processes))}
+    done = subprocess.run([sys.executable, *(launcher if processes > 1 else []), *command], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"examples"')]
+    assert len(summaries) == 1, f"one process prints the summary\n{done.stdout[-2000:]}"
+    return summaries[0]
+
+
+def test_fsdp_full_finetune_matches_one_gpu(memorize, tmp_path):
+    """`torchrun --nproc_per_node 2 finetune.py --method full --fsdp` in float32 on copies of one example: each
+    process's gradient is the one-GPU gradient, so the losses and the gathered result must be the one-GPU ones, and
+    the result must load as a model folder of its own (FSDP2 changes the model's class; the code saved is ours)."""
+    from finetune import load_finetuned
+    from test_finetune import base, logits
+
+    one = finetune_run(memorize, tmp_path / "one")
+    sharded = finetune_run(memorize, tmp_path / "fsdp", "--fsdp", processes=2)
+    assert len(one["logged_losses"]) == 6
+    torch.testing.assert_close(torch.tensor(sharded["logged_losses"]), torch.tensor(one["logged_losses"]),
+                               rtol=1e-4, atol=1e-5)
     assert not any(path.name.startswith("_fsdp") for path in (tmp_path / "fsdp").iterdir())
-    one, tok = load_finetuned(str(model_dir), str(tmp_path / "one"))
-    sharded, _ = load_finetuned(str(model_dir), str(tmp_path / "fsdp"))
-    assert sharded.config.architectures == ["ChatGLMForConditionalGeneration"]
-    torch.testing.assert_close(logits(sharded, tok), logits(one, tok), rtol=1e-4, atol=1e-4)
-    assert (logits(sharded, tok) - logits(base({"model": model_dir})[0], tok)).abs().max() > 1e-3  # it trained
+    model_dir = str(memorize[0])
+    one_model, tok = load_finetuned(model_dir, str(tmp_path / "one"))
+    sharded_model, _ = load_finetuned(model_dir, str(tmp_path / "fsdp"))
+    assert sharded_model.config.architectures == ["ChatGLMForConditionalGeneration"]
+    torch.testing.assert_close(logits(sharded_model, tok), logits(one_model, tok), rtol=1e-4, atol=1e-4)
+    assert (logits(sharded_model, tok) - logits(base({"model": memorize[0]})[0], tok)).abs().max() > 1e-3
+
+
+def test_fsdp_checkpoint_loads_and_resumes(memorize, tmp_path):
+    """--fsdp --save-steps 3: checkpoint-3 loads as a model folder (our code in it, not torch's FSDP files), and a
+    run resumed from it logs the losses and ends with the weights of the run that went through."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    through = finetune_run(memorize, tmp_path / "through", "--fsdp", "--save-steps", "3", processes=2)
+    checkpoint = tmp_path / "through" / "checkpoint-3"
+    assert not list(checkpoint.glob("_fsdp*.py")) and (checkpoint / "modeling_chatglm.py").is_file()
+    AutoModel.from_pretrained(str(checkpoint), trust_remote_code=True)
+    shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoint-3")
+    resumed = finetune_run(memorize, tmp_path / "resumed", "--fsdp", "--save-steps", "3", "--resume", processes=2)
+    torch.testing.assert_close(torch.tensor(resumed["logged_losses"]), torch.tensor(through["logged_losses"]),
+                               rtol=1e-4, atol=1e-5)
+    want, got = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("through", "resumed"))
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -31,11 +31,13 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+from transformers import TrainerCallback
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -231,7 +233,8 @@ def train(args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         seed=args.seed, remove_unused_columns=False, dataloader_num_workers=0, optim="adamw_torch",
         fp16=cuda and args.dtype == "float16", bf16=cuda and args.dtype == "bfloat16")
-    trainer = Trainer(model=model, args=training_args, train_dataset=examples, data_collator=collator)
+    trainer = Trainer(model=model, args=training_args, train_dataset=examples, data_collator=collator,
+                      callbacks=[_ModelCodeInCheckpoints(args.model)] if sharding else None)
     result = trainer.train(resume_from_checkpoint=True if args.resume else None)
     main_process = trainer.is_world_process_zero()  # under torchrun, one process writes the result
     # sharded weights are gathered onto the first process; every process takes part
@@ -287,6 +290,30 @@ def save(model: Any, tokenizer: Any, args: argparse.Namespace,
         merged, tokenizer = load_finetuned(args.model, str(args.out), torch_dtype=DTYPES[args.dtype])
         merged.save_pretrained(str(args.out / "merged"))
         tokenizer.save_pretrained(str(args.out / "merged"))
+
+
+class _ModelCodeInCheckpoints(TrainerCallback):
+    """A Trainer callback for --fsdp runs: FSDP2 saves each checkpoint-N through the sharded model's class, which
+    torch defines, so save_pretrained copies torch's source files there, and names them in the config's auto_map,
+    instead of this model's code. After each save the first process puts the base folder's code and auto_map back,
+    so a checkpoint loads as a model folder."""
+
+    def __init__(self, model_dir: str):
+        self.code = sorted(Path(model_dir).glob("*.py"))
+        self.auto_map = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))["auto_map"]
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        for stray in folder.glob("_fsdp*.py"):
+            stray.unlink()
+        for source in self.code:
+            shutil.copy(source, folder / source.name)
+        config_file = folder / "config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config_file.write_text(json.dumps({**config, "auto_map": self.auto_map}, indent=2) + "\n", encoding="utf-8")
+
 
 
 def _meta_twin(model: Any) -> Any:
