@@ -43,7 +43,8 @@ from .chat_format import (
     validate_chatglm2_history,
     validate_chatglm3_history,
 )
-from .compat_chatglm import CACHE_TYPES, cache_is_static, cache_length, crop_cache, new_dynamic_cache
+from .compat_chatglm import (CACHE_TYPES, GenerationMixin, cache_is_static, cache_length, crop_cache,
+                             new_dynamic_cache)
 from .decoding_chatglm import FastPathBusy, chat_cache_kind, fast_generate, fast_stream
 
 logger = logging.get_logger(__name__)
@@ -485,7 +486,8 @@ class ChatGLMChatMixin:
     # ------------------------------------------------------------------------------------------ streaming generate
     def _generate_kwargs_only(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
         """Drop keyword arguments that ``generate`` would reject (neither generation settings nor model inputs)."""
-        known = set(inspect.signature(self.generate).parameters) | set(GenerationConfig().to_dict())
+        # transformers' generate(), not our override's (*args, **kwargs), names the arguments it takes
+        known = set(inspect.signature(GenerationMixin.generate).parameters) | set(GenerationConfig().to_dict())
         known |= set(inspect.signature(self.prepare_inputs_for_generation).parameters)
         known |= set(inspect.signature(self.forward).parameters)
         known -= {"self", "kwargs", "model_kwargs"}
@@ -500,10 +502,10 @@ class ChatGLMChatMixin:
                      want_cache: bool, live_cache: bool
                      ) -> Optional[Tuple[torch.Tensor, Generator[torch.Tensor, None, None], Any]]:
         """``stream_generate``'s request by our own loop → (the first step's new tokens [batch], the generator of
-        the next ones, the cache it fills), or None where the loop does not serve it: a generation config or stopping
-        criteria, a cache that is not a growing one holding the start of ``input_ids``, or ``chat_cache_kind`` says
-        no. A busy static decoder sends the request to a growing cache."""
-        if generation_config is not None or "stopping_criteria" in kwargs:
+        the next ones, the cache it fills), or None where the loop does not serve it: a generation config, a cache
+        that is not a growing one holding the start of ``input_ids``, or ``chat_cache_kind`` says no. A busy static
+        decoder sends the request to a growing cache."""
+        if generation_config is not None:
             return None
         cache = past_key_values
         if cache is not None and (not isinstance(cache, CACHE_TYPES) or cache_is_static(cache)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
-from transformers import LogitsProcessorList
+from transformers import LogitsProcessorList, StoppingCriteriaList
 from transformers.utils import logging
 
 from .compat_chatglm import (
@@ -40,8 +40,8 @@ logger = logging.get_logger(__name__)
 # generate() arguments our decode loop understands; anything else goes to transformers' generate().
 FAST_PATH_KWARGS = frozenset({
     "input_ids", "attention_mask", "position_ids", "max_new_tokens", "max_length", "min_new_tokens", "do_sample",
-    "temperature", "top_k", "top_p", "repetition_penalty", "logits_processor", "eos_token_id", "pad_token_id",
-    "cache_implementation", "use_cache", "streamer",
+    "temperature", "top_k", "top_p", "repetition_penalty", "logits_processor", "stopping_criteria", "eos_token_id",
+    "pad_token_id", "cache_implementation", "use_cache", "streamer",
     "num_beams", "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits",
 })
 FAST_CHAT_ENV = "CHATGLM_FAST_CHAT"  # 0: chat methods on generate(); 1 / static, growing: that loop where it serves
@@ -309,6 +309,7 @@ class DecodeRun:
                  do_sample: Optional[bool] = None, temperature: Optional[float] = None, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
                  logits_processor: Optional[Sequence[Callable]] = None,
+                 stopping_criteria: Optional[Sequence[Callable]] = None,
                  eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
                  compile: Optional[bool] = None, past_key_values: Any = None,
                  cache_implementation: Optional[str] = None, **ignored: Any):
@@ -324,6 +325,7 @@ class DecodeRun:
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be a positive number (1.0: none), got {repetition_penalty}")
         self.processors = LogitsProcessorList(logits_processor or [])  # the caller's, run as generate() runs them
+        self.criteria = StoppingCriteriaList(stopping_criteria or [])
         eos = setting("eos_token_id", eos_token_id)
         self.eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.pad = setting("pad_token_id", pad_token_id) or 0
@@ -399,6 +401,15 @@ class DecodeRun:
             self.seen.scatter_(1, token, True)
         return token
 
+    def _criteria_stop(self, step: int) -> Optional[torch.Tensor]:
+        """The caller's stopping criteria on the ids so far [b, n + step + 1] (scores None, as generate() passes them
+        without output_scores) → the rows they end [b] on the CPU, or None where they end the whole batch (a bool:
+        transformers < 4.39, whose generate() then stops every row)."""
+        done = self.criteria(torch.cat([self.input_ids, self.out[:, :step + 1]], dim=1), None)
+        if isinstance(done, torch.Tensor) and done.dim() > 0:
+            return done.view(-1).bool().cpu()
+        return None if bool(done) else torch.zeros(self.out.shape[0], dtype=torch.bool)
+
     def sequences(self) -> torch.LongTensor:
         """input_ids followed by the new tokens [b, n + new], as generate() returns them: pad after each row's end,
         cut where the last row ended."""
@@ -453,13 +464,14 @@ class StaticCacheRun(DecodeRun):
         """Decode. Each step launches the next one before the host looks at its token, so the GPU keeps working.
 
         stream: yield every step's new tokens [b] on the CPU (pad for rows that ended before), until every row has
-        produced an end-of-sequence id or the budget is spent. Otherwise yield nothing and check for the end every
-        EOS_CHECK_EVERY steps (one host synchronisation each; none before min_new_tokens)."""
+        produced an end-of-sequence id (or met a stopping criterion) or the budget is spent. Otherwise yield nothing
+        and check for the end every EOS_CHECK_EVERY steps (one host synchronisation each; none before
+        min_new_tokens), or every step where there are stopping criteria."""
         decoder, last = self.decoder, self.max_new_tokens - 1
         ended = torch.zeros(self.out.shape[0], dtype=torch.bool)
         eos_host = torch.tensor(self.eos, dtype=torch.long)
-        host = HostCopy(self.out.device) if stream else None
-        self.produced = 0 if stream else self.max_new_tokens
+        host = HostCopy(self.out.device) if stream or self.criteria else None
+        self.produced = 0 if host is not None else self.max_new_tokens
         for step in range(self.max_new_tokens):
             if step == 0 or not self.greedy_in_graph:
                 token = self._pick(step)
@@ -480,13 +492,23 @@ class StaticCacheRun(DecodeRun):
                 else:
                     self.logits = decoder.run("logits")
             if host is not None:
-                tokens = host.result().masked_fill(ended, self.pad)
+                tokens = host.result()
+                if self.eos:  # generate() pads a finished row's later tokens only where there is an eos id
+                    tokens = tokens.masked_fill(ended, self.pad)
+                    if self.criteria:  # which read the ids so far as generate() holds them
+                        self.out[:, step].masked_fill_(ended.to(self.out.device), self.pad)
                 self.produced = step + 1
-                yield tokens
+                if stream:
+                    yield tokens
                 if self.eos:
                     ended |= torch.isin(tokens, eos_host)
-                    if bool(ended.all()):
+                if self.criteria:
+                    stopped = self._criteria_stop(step)
+                    if stopped is None:
                         return
+                    ended |= stopped
+                if bool(ended.all()):
+                    return
             elif self.eos_tensor is not None and step >= self.min_new_tokens - 1 and \
                     step % EOS_CHECK_EVERY == EOS_CHECK_EVERY - 1 and step < last and \
                     bool(torch.isin(self.out[:, :step + 1], self.eos_tensor).any(-1).all()):
@@ -534,15 +556,22 @@ class GrowingCacheRun(DecodeRun):
         ended = torch.zeros(batch, 1, dtype=torch.bool, device=self.out.device)
         mask, position = self.attention_mask, self.position_ids[:, -1:]
         for step in range(self.max_new_tokens):
-            token = self._pick(step).masked_fill(ended, self.pad)
+            token = self._pick(step)
+            if self.eos_tensor is not None:  # (as generate(): a row ended by a stopping criterion alone goes on)
+                token = token.masked_fill(ended, self.pad)
             self.out[:, step:step + 1] = token
             self.produced = step + 1
             if stream:
                 yield token.view(-1).cpu()
             if self.eos_tensor is not None:
                 ended |= torch.isin(token, self.eos_tensor)
-                if bool(ended.all()):
+            if self.criteria:
+                stopped = self._criteria_stop(step)
+                if stopped is None:
                     return
+                ended |= stopped.to(ended.device)[:, None]
+            if (self.eos_tensor is not None or self.criteria) and bool(ended.all()):
+                return
             if step == self.max_new_tokens - 1:
                 return
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=1)

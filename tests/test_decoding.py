@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from conftest import tiny_model
 from test_modeling import left_pad, random_prompts
@@ -121,7 +121,8 @@ def test_fast_path_only_takes_requests_it_serves(model64, monkeypatch):
     ids = torch.ones(1, 3, dtype=torch.long)
     static = dict(input_ids=ids, cache_implementation="static", max_new_tokens=3)
     assert loop_serves(model64, static) and loop_serves(model64, {**static, "logits_processor": []})
-    for unsupported in (dict(num_beams=2), dict(stopping_criteria=[]), dict(num_return_sequences=2),
+    assert loop_serves(model64, {**static, "stopping_criteria": StoppingCriteriaList()})
+    for unsupported in (dict(num_beams=2), dict(stop_strings=["x"]), dict(num_return_sequences=2),
                         dict(output_scores=True, return_dict_in_generate=True)):
         assert not loop_serves(model64, {**static, **unsupported}), unsupported
     # on CPU, transformers >= 4.42 runs static requests on its own static cache, and plain ones on its own loop
@@ -172,6 +173,50 @@ def test_plain_generate_on_the_fast_path_equals_generate(model64, monkeypatch, d
         results[setting] = model64.generate(**request)
     assert len(calls) == 1, "the first call ran our loop, the second transformers'"
     assert torch.equal(results["1"], results["0"])
+
+
+# transformers >= 4.39 lets a stopping criterion end single rows (a bool tensor [b]); older ones take one bool
+ROW_CRITERIA = isinstance(StoppingCriteriaList()(torch.ones(1, 1, dtype=torch.long), None), torch.Tensor)
+
+
+class StopAfter(StoppingCriteria):
+    """Ends a row once it has produced `token` after the prompt, or with `whole_batch` (a bool) every row once one
+    has."""
+
+    def __init__(self, prompt_len: int, token: int, whole_batch: bool):
+        self.prompt_len, self.token, self.whole_batch = prompt_len, token, whole_batch
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs):
+        hit = (input_ids[:, self.prompt_len:] == self.token).any(-1)
+        return bool(hit.any()) if self.whole_batch else hit
+
+
+@pytest.mark.parametrize("whole_batch", [True, False], ids=["bool", "per_row"])
+@pytest.mark.parametrize("eos", [False, True], ids=["no_eos", "eos"])
+@pytest.mark.parametrize("cache_kind", ["static", "growing"])
+@torch.no_grad()
+def test_stopping_criteria_end_rows_as_in_generate(model64, monkeypatch, cache_kind, eos, whole_batch):
+    """A caller's stopping criteria on our loop: rows end (or the batch does) where generate() ends them; a row that
+    met a criterion goes on producing tokens unless there is an eos id (then pad), as in generate()."""
+    if not whole_batch and not ROW_CRITERIA:
+        pytest.skip("transformers < 4.39: stopping criteria answer for the whole batch")
+    ids, mask = left_pad(random_prompts(seed=39))
+    free = model64.fast_generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                 compile=False)
+    n = ids.shape[1]
+    stop = int(free[0, n + 2])  # row 0 meets the criterion at its third token at the latest
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    if eos:  # an id row 1 meets late, if at all
+        kwargs["eos_token_id"] = int(free[1, n + 9])
+    else:  # (an explicit eos_token_id=None means the configured one on some transformers versions, none on others)
+        monkeypatch.setattr(model64.generation_config, "eos_token_id", None)
+        monkeypatch.setattr(model64.config, "eos_token_id", None)
+    want = model64.generate(input_ids=ids, stopping_criteria=StoppingCriteriaList([StopAfter(n, stop, whole_batch)]),
+                            **kwargs)
+    got = model64.fast_generate(ids, cache_kind=cache_kind, compile=False,
+                                stopping_criteria=StoppingCriteriaList([StopAfter(n, stop, whole_batch)]), **kwargs)
+    assert torch.equal(got, want)
+    assert want.shape[1] <= n + 3 or not whole_batch, "the criterion ended the batch early"
 
 
 class RecordingStreamer:

@@ -168,6 +168,16 @@ def test_stream_generate_by_our_loop(tiny_toks, loop, monkeypatch, runs):  # noq
     # the cache handed out with every step holds every token but the last one at that step
     for ids, cache in model.stream_generate(**inputs, eos_token_id=never, return_past_key_values=True, **request):
         assert cache_length(cache) == ids.shape[1] - 1
+    # a caller's stopping criteria end the stream where generate() ends (the whole batch: every version's kind)
+    from test_decoding import StopAfter
+
+    before = len(runs)
+    stop = int(expected[0, -4])
+    criteria = StoppingCriteriaList([StopAfter(inputs["input_ids"].shape[1], stop, whole_batch=True)])
+    want = model.generate(**inputs, eos_token_id=never, pad_token_id=0, stopping_criteria=criteria, **request)
+    assert want.shape[1] < expected.shape[1]
+    steps = list(model.stream_generate(**inputs, eos_token_id=never, stopping_criteria=criteria, **request))
+    assert _ran(runs, before, 1, loop) and torch.equal(steps[-1], want)
 
 
 def test_a_cache_changed_during_a_fast_stream_is_not_overwritten(tiny_toks, monkeypatch):  # noqa: F811
@@ -244,8 +254,8 @@ def test_chat_cache_kind_policy(monkeypatch):
     for setting in ("1", ""):
         monkeypatch.setenv(FAST_CHAT_ENV, setting)
         assert chat_cache_kind(model, {**request, "logits_processor": LogitsProcessorList()}) is not None
+        assert chat_cache_kind(model, {**request, "stopping_criteria": StoppingCriteriaList()}) is not None
         for unsupported in (dict(no_repeat_ngram_size=3), dict(num_beams=2),
-                            dict(stopping_criteria=StoppingCriteriaList()),
                             dict(output_scores=True, return_dict_in_generate=True)):
             assert chat_cache_kind(model, {**request, **unsupported}) is None, unsupported
     prefixed = tiny_model(seed=3, pre_seq_len=4)
