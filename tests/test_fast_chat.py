@@ -346,6 +346,15 @@ def test_cuda_plain_generate_takes_the_fused_fast_path_by_default(tiny_toks, mon
     assert len(runs) == 3 and type(runs[2]) is StaticCacheRun
     assert torch.equal(result["ids"], model.generate(**one, **kwargs))
     assert text == tok.decode(result["ids"][0, one["input_ids"].shape[1]:])
+    # stopping criteria on the fused path end the batch where transformers' loop ends it
+    from test_decoding import StopAfter
+
+    width = batch["input_ids"].shape[1]
+    criteria = StoppingCriteriaList([StopAfter(width, int(plain[0, width + 3]), whole_batch=True)])
+    fast = model.generate(**batch, stopping_criteria=criteria, **kwargs)
+    assert type(runs[-1]) is StaticCacheRun and fast.shape[1] <= width + 4
+    monkeypatch.setenv(FAST_GENERATE_ENV, "0")
+    assert torch.equal(fast, model.generate(**batch, stopping_criteria=criteria, **kwargs))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
