@@ -741,6 +741,21 @@ def weights_fingerprint(model: torch.nn.Module) -> tuple:
     return tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
 
 
+def release_decoder(model: torch.nn.Module) -> bool:
+    """Free the model's static decoder (its cache and CUDA graphs; the next fast-path call builds a new one) →
+    whether there was one. FastPathBusy while a run holds it."""
+    lock = _model_lock(model)
+    if not lock.acquire(blocking=False):
+        raise FastPathBusy("this model's fast path is in use by another generation; release it after that ends")
+    try:
+        held = getattr(model, "_chatglm_decoder", None) is not None
+        object.__setattr__(model, "_chatglm_decoder", None)
+        gc.collect()  # (its step closures form a cycle)
+        return held
+    finally:
+        lock.release()
+
+
 def _decoder_for(model: torch.nn.Module, batch: int, capacity: int, compile: bool) -> CompiledDecoder:
     decoder = getattr(model, "_chatglm_decoder", None)
     if decoder is None or decoder.batch != batch or decoder.capacity < capacity or \

@@ -44,7 +44,7 @@ from .compat_chatglm import (
 )
 from .configuration_chatglm import ChatGLMConfig
 from .decode_kernels_chatglm import FUSED_ENV as _FUSED_ENV  # noqa: F401  (imported by decoding_chatglm)
-from .decoding_chatglm import FastPathBusy, fast_generate, fast_path_supports
+from .decoding_chatglm import FastPathBusy, fast_generate, fast_path_supports, release_decoder
 # transformers 4.30 copies only the relative imports of this file into its module cache, so every module the
 # package uses is named here
 from .int4_kernels_chatglm import GLUON_ENV as _GLUON_ENV  # noqa: F401  (imported by decode_kernels_chatglm)
@@ -800,10 +800,15 @@ class ChatGLMGenerationMixin(GenerationMixin):
         return super().generate(*args, **kwargs)
 
     def fast_generate(self, input_ids: torch.LongTensor, **kwargs: Any) -> torch.LongTensor:
-        """Static-cache decoding with a compiled one-token step (CUDA graphs on GPU), on every transformers
-        version: input_ids [b, n] (left-padded) → sequences [b, n + new]. `cache_kind="growing"`: the same loop on a
+        """Static-cache decoding with a one-token step (fused, eager or compiled; a CUDA graph on GPU), on every
+        transformers version: input_ids [b, n] (left-padded) → sequences [b, n + new]. `cache_kind="growing"`: the same loop on a
         growing cache with the eager forward. See decoding_chatglm.fast_generate."""
         return fast_generate(self, input_ids, **kwargs)
+
+    def release_decoder(self) -> bool:
+        """Free the fast path's decoder: its key/value cache (batch × prompt + budget, rounded up to 256 positions)
+        and CUDA graphs stay on the model between calls so the next one reuses them → whether there was one."""
+        return release_decoder(self)
 
 
 class ChatGLMForConditionalGeneration(ChatGLMChatMixin, ChatGLMPreTrainedModel, ChatGLMGenerationMixin):

@@ -259,6 +259,24 @@ def test_streamer_gets_from_the_fast_path_what_generate_gives_it(model64, monkey
     assert len(streamers["1"].puts) > 2 and streamers["1"].puts[0] == ids.tolist()
 
 
+@torch.no_grad()
+def test_release_decoder_frees_it_and_the_next_call_builds_one():
+    model = tiny_model(seed=40)
+    ids = torch.randint(10, 500, (2, 5), generator=torch.Generator().manual_seed(8))
+    kwargs = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, compile=False)
+    first = model.fast_generate(ids, **kwargs)
+    decoder = model._chatglm_decoder
+    assert decoder is not None and model.release_decoder() and model._chatglm_decoder is None
+    assert not model.release_decoder(), "nothing left to release"
+    assert torch.equal(model.fast_generate(ids, **kwargs), first) and model._chatglm_decoder is not decoder
+    stream = decoding.fast_stream(model, ids, **kwargs)
+    next(stream)  # a run holds the decoder until its stream ends
+    with pytest.raises(decoding.FastPathBusy):
+        model.release_decoder()
+    stream.close()
+    assert model.release_decoder()
+
+
 @pytest.mark.parametrize("compile", [False, True], ids=["eager-step", "compiled-step"])
 @torch.no_grad()
 def test_fast_path_in_and_out_of_inference_mode(compile):
