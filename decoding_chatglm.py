@@ -53,6 +53,8 @@ LOOP_CONFIG_FIELDS = frozenset({
     "bos_token_id", "max_length", "use_cache", "transformers_version", "_from_model_config",
 })
 EOS_CHECK_EVERY = 16
+# adapter-layer attributes (PEFT, old and new names) whose values decide the branches a layer's forward takes
+ADAPTER_SWITCHES = ("active_adapter", "active_adapters", "disable_adapters", "merged", "merged_adapters", "scaling")
 MAX_BANNED = 8  # end-of-sequence ids a greedy step can exclude inside its graph (min_new_tokens)
 
 
@@ -167,7 +169,7 @@ class CompiledDecoder:
         device = param.device
         self.model = model
         self.batch, self.capacity, self.compiled = batch, capacity, compile
-        self.weights = weights_fingerprint(model)
+        self.weights, self.module_state = weights_fingerprint(model), module_state(model)
         layer_devices = model.transformer.layer_devices()
         self.cache = StaticKVCache(config.num_layers, batch, config.num_key_value_heads, config.kv_channels,
                                    capacity, param.dtype, layer_devices)
@@ -741,6 +743,27 @@ def weights_fingerprint(model: torch.nn.Module) -> tuple:
     return tuple((p.data_ptr(), p.dtype, p.device) for p in model.parameters())
 
 
+def module_state(model: torch.nn.Module) -> tuple:
+    """The Python-side state a captured step bakes in beyond the weights: forward hooks, and the switches of adapter
+    layers (PEFT LoRA: active adapter, disabled, merged, scaling). A CUDA graph replays the branches its capture took,
+    so `with peft_model.disable_adapter():`, `set_adapter` or a hook added after a first call must rebuild the
+    decoder."""
+    state = []
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            state.append((name, tuple(module._forward_hooks), tuple(module._forward_pre_hooks)))
+        if type(module).__module__.startswith("peft."):
+            state.append((name, *(_read(module, switch) for switch in ADAPTER_SWITCHES)))
+    return tuple(state)
+
+
+def _read(module: torch.nn.Module, attribute: str) -> str:
+    try:
+        return repr(getattr(module, attribute, None))
+    except Exception:  # (a property that refuses in this module's configuration)
+        return "?"
+
+
 def release_decoder(model: torch.nn.Module) -> bool:
     """Free the model's static decoder (its cache and CUDA graphs; the next fast-path call builds a new one) →
     whether there was one. FastPathBusy while a run holds it."""
@@ -758,8 +781,8 @@ def release_decoder(model: torch.nn.Module) -> bool:
 
 def _decoder_for(model: torch.nn.Module, batch: int, capacity: int, compile: bool) -> CompiledDecoder:
     decoder = getattr(model, "_chatglm_decoder", None)
-    if decoder is None or decoder.batch != batch or decoder.capacity < capacity or \
-            decoder.compiled != compile or decoder.weights != weights_fingerprint(model):
+    if decoder is None or decoder.batch != batch or decoder.capacity < capacity or decoder.compiled != compile or \
+            decoder.weights != weights_fingerprint(model) or decoder.module_state != module_state(model):
         if decoder is not None:  # free the old cache and graphs before allocating (its step closures form a cycle)
             decoder = None
             object.__setattr__(model, "_chatglm_decoder", None)

@@ -259,6 +259,44 @@ def test_streamer_gets_from_the_fast_path_what_generate_gives_it(model64, monkey
     assert len(streamers["1"].puts) > 2 and streamers["1"].puts[0] == ids.tolist()
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@torch.no_grad()
+def test_adapter_switches_and_hooks_rebuild_the_decoder(device):
+    """A captured step replays the branches its capture took: turning a PEFT LoRA adapter off (or a hook added after
+    a first call) must give a new decoder and the output of the model as it now is. On CUDA the step is a CUDA graph,
+    where a stale decoder would keep adding the adapter."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (CUDA graphs)")
+    from compat_util import skip_without
+
+    skip_without("peft")
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model(seed=41).to(device)
+    ids = torch.randint(10, 500, (1, 6), generator=torch.Generator().manual_seed(9)).to(device)
+    kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0, compile=False)
+    plain = base.fast_generate(ids, **kwargs)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["query_key_value", "dense_h_to_4h"]))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5, generator=torch.Generator(device=device).manual_seed(1))
+    model = peft_model.eval().get_base_model()
+    adapted = model.fast_generate(ids, **kwargs)
+    assert not torch.equal(adapted, plain), "the adapter changes the output"
+    first = model._chatglm_decoder
+    with peft_model.disable_adapter():
+        assert torch.equal(model.fast_generate(ids, **kwargs), plain)
+        assert model._chatglm_decoder is not first
+    assert torch.equal(model.fast_generate(ids, **kwargs), adapted)
+    again = model._chatglm_decoder
+    handle = model.transformer.output_layer.register_forward_hook(lambda module, args, out: out * 0.0)
+    try:
+        zeroed = model.fast_generate(ids, **kwargs)
+        assert model._chatglm_decoder is not again and not torch.equal(zeroed, adapted)
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def test_release_decoder_frees_it_and_the_next_call_builds_one():
     model = tiny_model(seed=40)
