@@ -95,6 +95,11 @@ CACHE_TYPES: tuple[type, ...] = (KVCache,) if _HFCache is None else (KVCache, _H
 #: asked the model for a `_setup_cache` hook (LLaMA-style attention modules) and older ones have no static cache.
 GENERATE_BUILDS_STATIC_CACHE = hasattr(GenerationMixin, "_get_cache")
 
+try:  # transformers >= 4.42 (not 4.40): generate(stop_strings=[...], tokenizer=tok) stops at text
+    from transformers import StopStringCriteria
+except ImportError:  # pragma: no cover - older transformers
+    StopStringCriteria = None
+
 
 def new_dynamic_cache() -> Any:
     """An empty growing cache of the kind the running transformers' generate() understands."""
@@ -302,6 +307,7 @@ def set_attn_implementation(config: Any, name: str) -> None:
 
 __all__: Sequence[str] = (
     "KVCache", "CACHE_TYPES", "SDPA_ENABLE_GQA", "GENERATE_BUILDS_STATIC_CACHE", "GenerationMixin",
+    "StopStringCriteria",
     "GradientCheckpointingMixin", "as_cache", "attn_implementation", "cache_is_static", "cache_layer", "cache_length",
     "crop_cache", "host_reads_forbidden", "is_compiling", "new_dynamic_cache", "reorder_cache", "sdpa",
     "set_attn_implementation",

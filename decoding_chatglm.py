@@ -27,6 +27,7 @@ from transformers.utils import logging
 
 from .compat_chatglm import (
     GENERATE_BUILDS_STATIC_CACHE,
+    StopStringCriteria,
     cache_layer,
     cache_length,
     generation_setting,
@@ -40,8 +41,8 @@ logger = logging.get_logger(__name__)
 # generate() arguments our decode loop understands; anything else goes to transformers' generate().
 FAST_PATH_KWARGS = frozenset({
     "input_ids", "attention_mask", "position_ids", "max_new_tokens", "max_length", "min_new_tokens", "do_sample",
-    "temperature", "top_k", "top_p", "repetition_penalty", "logits_processor", "stopping_criteria", "eos_token_id",
-    "pad_token_id", "cache_implementation", "use_cache", "streamer",
+    "temperature", "top_k", "top_p", "repetition_penalty", "logits_processor", "stopping_criteria", "stop_strings",
+    "tokenizer", "eos_token_id", "pad_token_id", "cache_implementation", "use_cache", "streamer",
     "num_beams", "num_return_sequences", "return_dict_in_generate", "output_scores", "output_logits",
 })
 FAST_CHAT_ENV = "CHATGLM_FAST_CHAT"  # 0: chat methods on generate(); 1 / static, growing: that loop where it serves
@@ -127,6 +128,8 @@ def loop_serves(model: torch.nn.Module, kwargs: dict) -> bool:
         return False
     if kwargs.get("return_dict_in_generate") or kwargs.get("output_scores") or kwargs.get("output_logits"):
         return False
+    if kwargs.get("stop_strings") and (StopStringCriteria is None or kwargs.get("tokenizer") is None):
+        return False  # (generate() gives its own error, or ignores them, where it cannot stop at text)
     if any(value not in (None, False, [], {}) and name not in LOOP_CONFIG_FIELDS  # (False/0/None: a switch left off)
            for name, value in model.generation_config.to_diff_dict().items()):
         return False
@@ -312,6 +315,7 @@ class DecodeRun:
                  top_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
                  logits_processor: Optional[Sequence[Callable]] = None,
                  stopping_criteria: Optional[Sequence[Callable]] = None,
+                 stop_strings: Optional[Union[str, Sequence[str]]] = None, tokenizer: Any = None,
                  eos_token_id: Optional[Union[int, Sequence[int]]] = None, pad_token_id: Optional[int] = None,
                  compile: Optional[bool] = None, past_key_values: Any = None,
                  cache_implementation: Optional[str] = None, **ignored: Any):
@@ -328,6 +332,10 @@ class DecodeRun:
             raise ValueError(f"repetition_penalty must be a positive number (1.0: none), got {repetition_penalty}")
         self.processors = LogitsProcessorList(logits_processor or [])  # the caller's, run as generate() runs them
         self.criteria = StoppingCriteriaList(stopping_criteria or [])
+        if stop_strings:
+            if StopStringCriteria is None or tokenizer is None:
+                raise ValueError("stop_strings need transformers >= 4.42 and the tokenizer: pass tokenizer=tok")
+            self.criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
         eos = setting("eos_token_id", eos_token_id)
         self.eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.pad = setting("pad_token_id", pad_token_id) or 0

@@ -6,6 +6,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from conftest import tiny_model
+from test_tokenizer import tiny3, tiny_model_file  # noqa: F401  (fixtures)
 from test_modeling import left_pad, random_prompts
 
 from chatglm import decoding_chatglm as decoding
@@ -217,6 +218,29 @@ def test_stopping_criteria_end_rows_as_in_generate(model64, monkeypatch, cache_k
                                 stopping_criteria=StoppingCriteriaList([StopAfter(n, stop, whole_batch)]), **kwargs)
     assert torch.equal(got, want)
     assert want.shape[1] <= n + 3 or not whole_batch, "the criterion ended the batch early"
+
+
+@pytest.mark.parametrize("cache_kind", ["static", "growing"])
+@torch.no_grad()
+def test_stop_strings_end_where_generate_ends(cache_kind, tiny3):
+    """generate(stop_strings=[...], tokenizer=tok) on our loop stops where transformers' loop stops (transformers
+    builds the same StopStringCriteria); without the tokenizer the request stays with generate() and its error."""
+    from chatglm.compat_chatglm import StopStringCriteria
+
+    if StopStringCriteria is None:
+        pytest.skip("transformers < 4.42 has no stop_strings")
+    tok = tiny3
+    model = tiny_model(seed=7, padded_vocab_size=512)
+    ids = tok(["Hello world"], return_tensors="pt")["input_ids"]
+    kwargs = dict(max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    free = model.fast_generate(ids, compile=False, **kwargs)
+    stop = tok.decode(free[0, ids.shape[1]:])[6:9]  # text the reply reaches a few tokens in
+    want = model.generate(input_ids=ids, stop_strings=[stop], tokenizer=tok, **kwargs)
+    assert want.shape[1] < free.shape[1]
+    got = model.fast_generate(ids, cache_kind=cache_kind, compile=False, stop_strings=[stop], tokenizer=tok, **kwargs)
+    assert torch.equal(got, want)
+    assert loop_serves(model, dict(input_ids=ids, stop_strings=[stop], tokenizer=tok))
+    assert not loop_serves(model, dict(input_ids=ids, stop_strings=[stop]))
 
 
 class RecordingStreamer:
