@@ -780,21 +780,25 @@ def release_decoder(model: torch.nn.Module) -> bool:
         raise FastPathBusy("this model's fast path is in use by another generation; release it after that ends")
     try:
         held = getattr(model, "_chatglm_decoder", None) is not None
-        object.__setattr__(model, "_chatglm_decoder", None)
-        gc.collect()  # (its step closures form a cycle)
+        _drop_decoder(model)
         return held
     finally:
         lock.release()
+
+
+def _drop_decoder(model: torch.nn.Module) -> None:
+    """Free the model's decoder now (its step closures form a cycle, which only the collector frees)."""
+    object.__setattr__(model, "_chatglm_decoder", None)
+    gc.collect()
 
 
 def _decoder_for(model: torch.nn.Module, batch: int, capacity: int, compile: bool) -> CompiledDecoder:
     decoder = getattr(model, "_chatglm_decoder", None)
     if decoder is None or decoder.batch != batch or decoder.capacity < capacity or decoder.compiled != compile or \
             decoder.weights != weights_fingerprint(model) or decoder.module_state != module_state(model):
-        if decoder is not None:  # free the old cache and graphs before allocating (its step closures form a cycle)
+        if decoder is not None:  # free the old cache and graphs before allocating the new ones
             decoder = None
-            object.__setattr__(model, "_chatglm_decoder", None)
-            gc.collect()
+            _drop_decoder(model)
         # its tensors are updated in place by every run: made outside inference mode, so a run under
         # torch.inference_mode() and a later one outside it can both use them
         with torch.inference_mode(False):

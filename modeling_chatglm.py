@@ -801,8 +801,8 @@ class ChatGLMGenerationMixin(GenerationMixin):
 
     def fast_generate(self, input_ids: torch.LongTensor, **kwargs: Any) -> torch.LongTensor:
         """Static-cache decoding with a one-token step (fused, eager or compiled; a CUDA graph on GPU), on every
-        transformers version: input_ids [b, n] (left-padded) → sequences [b, n + new]. `cache_kind="growing"`: the same loop on a
-        growing cache with the eager forward. See decoding_chatglm.fast_generate."""
+        transformers version: input_ids [b, n] (left-padded) → sequences [b, n + new]. `cache_kind="growing"`: the
+        same loop on a growing cache with the eager forward. See decoding_chatglm.fast_generate."""
         return fast_generate(self, input_ids, **kwargs)
 
     def release_decoder(self) -> bool:
