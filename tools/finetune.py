@@ -315,7 +315,6 @@ class _ModelCodeInCheckpoints(TrainerCallback):
         config_file.write_text(json.dumps({**config, "auto_map": self.auto_map}, indent=2) + "\n", encoding="utf-8")
 
 
-
 def _meta_twin(model: Any) -> Any:
     """The model's own class built on the meta device, to write a gathered state dict: FSDP2 turns a sharded model
     into a subclass (FSDPChatGLM...) defined in torch, whose code save_pretrained would copy instead of ours."""
